@@ -1,0 +1,50 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    install into .venv, then fine-tune the quickstart FineTuneJob locally (no cluster)
+#   make test   install into .venv, build/reuse the test control plane, run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export UV_CACHE_DIR ?= $(HOME)/.cache/uv
+export UV_LINK_MODE ?= copy
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: run test venv crds lint testenv bench clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv
+	$(BIN)/uv pip sync --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
+	touch $@
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/tailor run examples/quickstart.yaml
+
+testenv:
+	scripts/testenv build
+
+test: $(STAMP) testenv
+	$(BIN)/python -m pytest
+
+crds: $(STAMP)
+	$(BIN)/tailor crds
+
+lint: $(STAMP)
+	$(BIN)/lint-imports .importlinter
+
+bench: $(STAMP)
+	$(BIN)/python bench/prep.py
+	$(BIN)/python bench/train.py
+
+# Regenerate the pinned dependency set after changing pyproject.toml.
+lock:
+	uv pip compile pyproject.toml --extra operator --extra trainer --extra dev --python-version 3.11 -o requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Tailor operator: reconciles Dataset and FineTuneJob into runs."""

@@ -1,0 +1,525 @@
+"""tailor.dev/v1alpha1: the FineTuneJob and Dataset APIs as pydantic models.
+
+These models are the source of truth: ``tailor_operator.crdgen`` generates the CRDs from them
+(each docstring becomes ``kubectl explain`` text, each cross-field validator has a CEL twin).
+The pipeline blocks (data, adaptation, hyperparameters, evaluation) come from
+``tailor_trainer.config`` so the spec and the trainer contract share one definition.
+"""
+
+from __future__ import annotations
+
+
+from datetime import datetime
+from enum import Enum
+from typing import Any, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from tailor_trainer._base import (
+    CamelModel,
+    Duration,
+    FieldError,
+    K8sLabel,
+    K8sName,
+    OutputUri,
+    Quantity,
+    SecretRef,
+    ShortStr,
+    Text,
+    cel,
+    with_cel,
+)
+from tailor_trainer.config import (
+    Adaptation,
+    AdaptationMethod,
+    DataSpec,
+    Evaluation,
+    Hyperparameters,
+    Metric,
+    ModelSource,
+)
+
+GROUP = "tailor.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Five-field cron, e.g. "0 3 * * 1"; each field a number, range, list, step or '*'.
+_CRON_FIELD = r"(\*|[0-9]+(-[0-9]+)?)(/[0-9]+)?(,(\*|[0-9]+(-[0-9]+)?)(/[0-9]+)?)*"
+CRON_PATTERN = rf"^{_CRON_FIELD}( {_CRON_FIELD}){{4}}$"
+
+# =============================================================================================
+# Shared status pieces
+
+
+class ConditionStatus(str, Enum):
+    true = "True"
+    false = "False"
+    unknown = "Unknown"
+
+
+class Condition(CamelModel):
+    """A metav1.Condition: one aspect of the object's state, with reason and message."""
+
+    type: ShortStr
+    """Condition type, e.g. Ready, DataValidated, Running, Evaluated, Promoted, Failed, Suspended."""
+    status: ConditionStatus
+    """True, False or Unknown."""
+    reason: ShortStr = ""
+    """One-word CamelCase reason."""
+    message: Text = ""
+    """Human-readable detail."""
+    last_transition_time: Optional[datetime] = None
+    """When status last changed."""
+    observed_generation: Optional[int] = None
+    """metadata.generation this condition was computed from."""
+
+
+class ObjectMeta(CamelModel):
+    """The part of metadata Tailor reads; the rest is accepted and ignored."""
+
+    model_config = {"extra": "allow"}
+
+    name: K8sName
+    """Object name."""
+    namespace: Optional[K8sLabel] = None
+    """Namespace."""
+    generation: Optional[int] = None
+    uid: Optional[str] = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+# =============================================================================================
+# Dataset
+
+
+class DatasetSpec(DataSpec):
+    """A versioned dataset: where it lives, its layout, cleaning and split."""
+
+    revision: Optional[ShortStr] = None
+    """Pin the revision (any string, e.g. a date or commit). When unset, the operator uses a
+    content fingerprint (ETag/LastModified for object stores, a content hash otherwise)."""
+    refresh_interval: Optional[Duration] = None
+    """How often to re-check the source for a new revision, e.g. 1h. Never by default."""
+
+
+
+
+class RowError(CamelModel):
+    """One rejected input row."""
+
+    line: int = Field(ge=0)
+    """1-based line (or row) number in its file."""
+    file: Optional[str] = None
+    """File the row came from, when the source has several."""
+    reason: ShortStr
+    """Why the row was rejected, e.g. BadJSON, WrongType, MissingField, InvalidUTF8."""
+    message: Text = ""
+    """Detail, naming the field when one is at fault."""
+
+
+class SplitCounts(CamelModel):
+    """Rows in each split after cleaning."""
+
+    train: int = 0
+    validation: int = 0
+    test: int = 0
+
+
+class DatasetStatus(CamelModel):
+    """What the operator observed and validated. Written by the operator only."""
+
+    revision: Optional[str] = None
+    """Revision that was validated (spec.revision or the content fingerprint)."""
+    rows: Optional[int] = None
+    """Rows kept after cleaning."""
+    rows_read: Optional[int] = None
+    """Rows read from the source before cleaning."""
+    splits: Optional[SplitCounts] = None
+    """Rows per split."""
+    dropped: dict[str, int] = Field(default_factory=dict)
+    """Rows dropped, by reason (e.g. empty, duplicate, nearDuplicate, tooShort, tooLong,
+    malformed, evalOverlap)."""
+    first_errors: list[RowError] = Field(default_factory=list, max_length=20)
+    """The first malformed rows, with line numbers."""
+    tokens: dict[str, float] = Field(default_factory=dict)
+    """Token-length statistics when a tokenizer was available (mean, p50, p95, max, overLimit)."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Ready (data validated and usable by jobs) and Validating."""
+    observed_generation: Optional[int] = None
+    """metadata.generation last acted on."""
+    last_updated: Optional[datetime] = None
+    """When the status was last written."""
+
+
+class Dataset(CamelModel):
+    """A Dataset: versioned training data, validated on CPUs before any GPU is requested."""
+
+    api_version: Literal["tailor.dev/v1alpha1"] = API_VERSION
+    kind: Literal["Dataset"] = "Dataset"
+    metadata: ObjectMeta
+    spec: DatasetSpec
+    status: Optional[DatasetStatus] = None
+
+
+# =============================================================================================
+# FineTuneJob
+
+
+class DatasetRef(CamelModel):
+    """A Dataset in the same namespace."""
+
+    name: K8sName
+    """Name of the Dataset."""
+
+
+class Toleration(CamelModel):
+    """A core/v1 Toleration (taints of the GPU node pool)."""
+
+    key: Optional[ShortStr] = None
+    """Taint key to tolerate; empty with operator Exists tolerates everything."""
+    operator: Optional[Literal["Exists", "Equal"]] = None
+    """Exists or Equal (default Equal)."""
+    value: Optional[ShortStr] = None
+    """Taint value (operator Equal)."""
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
+    """Taint effect to match; empty matches all."""
+    toleration_seconds: Optional[int] = None
+    """For NoExecute: how long the pod stays bound after the taint appears."""
+
+
+class Resources(CamelModel):
+    """Where and on what the run executes (the Ray worker group)."""
+
+    workers: int = Field(1, ge=1, le=256)
+    """Ray Train workers, one per pod (DDP ranks). Defaults to 1."""
+    gpus_per_worker: int = Field(1, ge=0, le=16)
+    """nvidia.com/gpu per worker; 0 trains on CPU. Defaults to 1."""
+    cpus_per_worker: Quantity = "4"
+    """CPU request/limit per worker. Defaults to 4."""
+    memory_per_worker: Quantity = "16Gi"
+    """Memory request/limit per worker. Defaults to 16Gi."""
+    node_selector: dict[str, ShortStr] = Field(default_factory=dict, max_length=32)
+    """Node labels the worker pods must match (the GPU node pool)."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Tolerations for tainted GPU nodes."""
+    affinity: Optional[dict[str, Any]] = Field(
+        None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True, "type": "object"}
+    )
+    """A core/v1 Affinity for the worker pods, passed through unchanged."""
+    image: Optional[Text] = None
+    """Trainer image. Defaults to the operator's configured trainer image."""
+    priority_class_name: Optional[K8sName] = None
+    """PriorityClass of the pods."""
+
+
+class OutputSpec(CamelModel):
+    """Where models, checkpoints and reports go."""
+
+    uri: OutputUri
+    """Output root; each run writes under `<uri>/<job>/<run>/`. A path or file://, pvc://<claim>/<path>,
+    s3://<bucket>/<prefix>."""
+    secret_ref: Optional[SecretRef] = None
+    """Secret with credentials for the output store. Names only, never values."""
+    merged_model: bool = False
+    """Also save the adapter merged into the base model. Defaults to false."""
+
+
+class Trigger(CamelModel):
+    """What starts the next run."""
+
+    on_dataset_revision: bool = True
+    """Start a new run when the Dataset's revision changes. Defaults to true."""
+    schedule: Optional[str] = Field(None, max_length=128, pattern=CRON_PATTERN)
+    """Also start a run on this cron schedule (5 fields, UTC), e.g. "0 3 * * 1"."""
+
+
+class ConfigMapTarget(CamelModel):
+    """Write the champion's model URI into a ConfigMap key."""
+
+    name: K8sName
+    """ConfigMap name (same namespace); created if missing."""
+    key: ShortStr = "model-uri"
+    """Key to write. Defaults to model-uri."""
+
+
+class InferenceServiceTarget(CamelModel):
+    """Point a KServe InferenceService's predictor storageUri at the champion."""
+
+    name: K8sName
+    """InferenceService name (same namespace)."""
+
+
+class RolloutTarget(
+    CamelModel,
+    json_schema_extra=with_cel(
+        cel(
+            "has(self.configMap) != has(self.inferenceService)",
+            "target sets exactly one of configMap and inferenceService",
+        )
+    ),
+):
+    """Where a promotion is applied."""
+
+    config_map: Optional[ConfigMapTarget] = None
+    """A ConfigMap key receiving the model URI."""
+    inference_service: Optional[InferenceServiceTarget] = None
+    """A KServe InferenceService whose storageUri is updated."""
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "RolloutTarget":
+        if (self.config_map is None) == (self.inference_service is None):
+            raise FieldError("configMap", "target sets exactly one of configMap and inferenceService")
+        return self
+
+
+class PromotionMode(str, Enum):
+    min = "min"
+    max = "max"
+
+
+class Promotion(CamelModel):
+    """When a candidate replaces the champion (compared on the same held-out data)."""
+
+    metric: Metric = Metric.loss
+    """Metric compared: loss, perplexity, accuracy, exactMatch. Defaults to loss."""
+    mode: Optional[PromotionMode] = None
+    """min (lower is better) or max. Defaults to the metric's natural direction."""
+    min_improvement: float = Field(0.0, ge=0.0)
+    """Smallest improvement over the champion (absolute) that promotes. Defaults to 0."""
+    target: Optional[RolloutTarget] = None
+    """Where the promotion is applied. Only status.champion changes when unset."""
+
+
+class ContinuousLearning(CamelModel):
+    """Retrain on new data and promote only when better than the current champion."""
+
+    trigger: Trigger = Field(default_factory=Trigger)
+    """What starts the next run."""
+    promotion: Promotion = Field(default_factory=Promotion)
+    """Promotion policy."""
+    history_limit: int = Field(10, ge=1, le=100)
+    """Runs kept in status.history. Defaults to 10."""
+
+
+class Backend(str, Enum):
+    kuberay = "kuberay"
+    local = "local"
+
+
+class FineTuneJobSpec(
+    CamelModel,
+    json_schema_extra=with_cel(
+        cel(
+            "!has(self.adaptation) || !has(self.adaptation.method) || self.adaptation.method != 'qlora'"
+            " || !has(self.resources) || !has(self.resources.gpusPerWorker) || self.resources.gpusPerWorker >= 1",
+            "adaptation.method qlora needs GPUs: resources.gpusPerWorker must be at least 1",
+            ".resources.gpusPerWorker",
+        ),
+    ),
+):
+    """A fine-tuning job: base model + dataset + adaptation + hyperparameters + evaluation."""
+
+    base_model: ModelSource
+    """The pretrained model to start from."""
+    dataset_ref: DatasetRef
+    """The Dataset to train on (same namespace); runs wait until it is Ready."""
+    adaptation: Adaptation = Field(default_factory=Adaptation)
+    """How the model is adapted: PEFT method or full fine-tuning, freezing, added layers,
+    activation."""
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    """Training hyperparameters."""
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    """Evaluation on the held-out split, gates and samples."""
+    resources: Resources = Field(default_factory=Resources)
+    """Workers, GPUs and placement."""
+    output: OutputSpec
+    """Where models, checkpoints and reports go."""
+    continuous_learning: Optional[ContinuousLearning] = None
+    """Retrain on new data and promote only if better. Off by default (one run)."""
+    backend: Backend = Backend.kuberay
+    """kuberay (a RayJob on the cluster) or local (embedded Ray in the operator's pod, for
+    laptops and CI). Defaults to kuberay."""
+    backoff_limit: int = Field(2, ge=0, le=100)
+    """Retries of a failed run (each resumes from the last checkpoint, with exponential
+    backoff). Defaults to 2."""
+    active_deadline_seconds: Optional[int] = Field(None, ge=1, le=31_536_000)
+    """Fail a run that has been running longer than this (reason DeadlineExceeded)."""
+    suspend: bool = False
+    """Suspend: stop the running run (its checkpoints stay) and start nothing until unset."""
+    ttl_seconds_after_finished: Optional[int] = Field(None, ge=0, le=31_536_000)
+    """Delete the finished run's children (RayJob, ConfigMaps) this long after it finishes; the
+    FineTuneJob and its artifacts stay."""
+    queue_name: Optional[K8sLabel] = None
+    """Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on the RayJob."""
+
+    @model_validator(mode="after")
+    def _qlora_needs_gpu(self) -> "FineTuneJobSpec":
+        if self.adaptation.method is AdaptationMethod.qlora and self.resources.gpus_per_worker < 1:
+            raise FieldError(
+                "resources.gpusPerWorker",
+                "adaptation.method qlora needs GPUs: resources.gpusPerWorker must be at least 1"
+            )
+        return self
+
+
+class Phase(str, Enum):
+    """Lifecycle of a FineTuneJob; each phase knows whether it is final."""
+
+    pending = "Pending"
+    validating = "Validating"
+    queued = "Queued"
+    running = "Running"
+    evaluating = "Evaluating"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    suspended = "Suspended"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (Phase.succeeded, Phase.failed)
+
+    @property
+    def is_active(self) -> bool:
+        """A run exists and may be consuming resources."""
+        return self in (Phase.queued, Phase.running, Phase.evaluating)
+
+
+class Progress(CamelModel):
+    """Training progress of the current run."""
+
+    summary: Optional[str] = None
+    """Short form for `kubectl get`, e.g. "42% 120/300"."""
+    percent: Optional[int] = Field(None, ge=0, le=100)
+    """Percent of training steps done."""
+    step: Optional[int] = None
+    total_steps: Optional[int] = None
+    epoch: Optional[float] = None
+    loss: Optional[float] = None
+    """Latest training loss."""
+    tokens_per_second: Optional[float] = None
+    eta_seconds: Optional[int] = None
+
+
+class EvalMetrics(CamelModel):
+    """Held-out metrics of the fine-tuned model (and the base model, for comparison)."""
+
+    loss: Optional[float] = None
+    perplexity: Optional[float] = None
+    accuracy: Optional[float] = None
+    exact_match: Optional[float] = None
+    base_loss: Optional[float] = None
+    base_perplexity: Optional[float] = None
+    base_accuracy: Optional[float] = None
+    base_exact_match: Optional[float] = None
+    train_loss: Optional[float] = None
+    cv_loss_mean: Optional[float] = None
+    cv_loss_std: Optional[float] = None
+
+
+class Artifacts(CamelModel):
+    """Where the run's outputs are."""
+
+    model: Optional[str] = None
+    """Adapter (or full model) directory."""
+    merged_model: Optional[str] = None
+    report: Optional[str] = None
+    """HTML report."""
+    result: Optional[str] = None
+    """result.json."""
+
+
+class ChampionStatus(CamelModel):
+    """The model currently promoted."""
+
+    run: str
+    dataset_revision: Optional[str] = None
+    model: Optional[str] = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    promoted_at: Optional[datetime] = None
+
+
+class HistoryEntry(CamelModel):
+    """One finished run."""
+
+    run: str
+    phase: Phase
+    dataset_revision: Optional[str] = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    promoted: bool = False
+    reason: Optional[str] = None
+    completion_time: Optional[datetime] = None
+
+
+class JobError(CamelModel):
+    """Why the job failed or is blocked (OpenAI-style error{code, message, param})."""
+
+    reason: ShortStr
+    """CamelCase reason, e.g. DatasetNotFound, Diverged, DeadlineExceeded, GateFailed."""
+    message: Text
+    field: Optional[ShortStr] = None
+    """Spec field at fault, when one is."""
+
+
+class FineTuneJobStatus(CamelModel):
+    """Observed state. Written by the operator only."""
+
+    phase: Phase = Phase.pending
+    stage: Optional[Literal["prep", "adapt", "train", "evaluate"]] = None
+    conditions: list[Condition] = Field(default_factory=list)
+    progress: Optional[Progress] = None
+    metrics: Optional[EvalMetrics] = None
+    current_run: Optional[str] = None
+    run_count: int = 0
+    """Runs started so far (the N of the next `<job>-r<N>` is runCount + 1)."""
+    attempts: int = 0
+    """Attempts of the current run (1 + retries)."""
+    dataset_revision: Optional[str] = None
+    artifacts: Optional[Artifacts] = None
+    champion: Optional[ChampionStatus] = None
+    history: list[HistoryEntry] = Field(default_factory=list, max_length=100)
+    start_time: Optional[datetime] = None
+    completion_time: Optional[datetime] = None
+    observed_generation: Optional[int] = None
+    error: Optional[JobError] = None
+
+
+class FineTuneJob(CamelModel):
+    """A FineTuneJob: fine-tune a pretrained model on a Dataset, evaluate it, and (optionally)
+    keep retraining and promoting the best model."""
+
+    api_version: Literal["tailor.dev/v1alpha1"] = API_VERSION
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: Optional[FineTuneJobStatus] = None
+
+
+KINDS: dict[str, type[CamelModel]] = {"FineTuneJob": FineTuneJob, "Dataset": Dataset}
+
+
+def parse_object(obj: dict[str, Any]) -> CamelModel:
+    """Parse one manifest (dict) into its model; raises ValueError for unknown kinds."""
+    kind = obj.get("kind")
+    api_version = obj.get("apiVersion")
+    if api_version != API_VERSION or kind not in KINDS:
+        raise ValueError(f"unsupported object apiVersion={api_version!r} kind={kind!r}")
+    return KINDS[kind].model_validate(obj)
+
+
+__all__ = [
+    "API_VERSION",
+    "Backend",
+    "Condition",
+    "Dataset",
+    "DatasetSpec",
+    "DatasetStatus",
+    "FineTuneJob",
+    "FineTuneJobSpec",
+    "FineTuneJobStatus",
+    "GROUP",
+    "KINDS",
+    "Phase",
+    "VERSION",
+    "parse_object",
+]

@@ -1,0 +1,76 @@
+"""Pure: a FineTuneJob and its Dataset -> the TrainerConfig one run executes."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from tailor_operator.api.v1alpha1 import Dataset, FineTuneJob
+from tailor_operator.builders.naming import progress_config_map_name
+from tailor_trainer.config import (
+    ChampionRef,
+    ProgressSink,
+    ResolvedDataset,
+    RunInfo,
+    TrainerConfig,
+    Workers,
+)
+
+
+def _cpus(quantity: str) -> float:
+    if quantity.endswith("m"):
+        return max(float(quantity[:-1]) / 1000.0, 0.001)
+    return float(quantity)
+
+
+def run_output_uri(job: FineTuneJob, run: str) -> str:
+    """Run directory `<output.uri>/<job>/<run>`."""
+    return f"{job.spec.output.uri.rstrip('/')}/{job.metadata.name}/{run}"
+
+
+def build_trainer_config(
+    job: FineTuneJob,
+    dataset: Dataset,
+    run: str,
+    *,
+    attempt: int = 1,
+    dataset_revision: Optional[str] = None,
+    inline_data: Optional[str] = None,
+    progress_file: Optional[str] = None,
+    champion: Optional[ChampionRef] = None,
+) -> TrainerConfig:
+    """Everything the trainer reads; no API calls (the caller resolves revision and inline data).
+
+    The progress sink is a file for the local backend (`progress_file`), else the ConfigMap
+    `<run>-progress` that the operator watches.
+    """
+    spec = job.spec
+    namespace = job.metadata.namespace or "default"
+    data_fields = dataset.spec.model_dump(exclude={"revision", "refresh_interval"})
+    resolved = ResolvedDataset(
+        **data_fields,
+        name=dataset.metadata.name,
+        revision=dataset_revision or dataset.spec.revision,
+        inline_data=inline_data,
+    )
+    sink = (
+        ProgressSink(file=progress_file)
+        if progress_file
+        else ProgressSink(config_map=progress_config_map_name(run))
+    )
+    return TrainerConfig(
+        run=RunInfo(job=job.metadata.name, namespace=namespace, name=run, attempt=attempt),
+        model=spec.base_model,
+        dataset=resolved,
+        adaptation=spec.adaptation,
+        hyperparameters=spec.hyperparameters,
+        evaluation=spec.evaluation,
+        resources=Workers(
+            workers=spec.resources.workers,
+            gpus_per_worker=spec.resources.gpus_per_worker,
+            cpus_per_worker=_cpus(spec.resources.cpus_per_worker),
+        ),
+        output_uri=run_output_uri(job, run),
+        merged_model=spec.output.merged_model,
+        progress=sink,
+        champion=champion,
+    )
