@@ -316,6 +316,13 @@ class FineTuneJobSpec(
             "adaptation.method qlora needs GPUs: resources.gpusPerWorker must be at least 1",
             ".resources.gpusPerWorker",
         ),
+        # Transition rule (no Python twin: it needs the old object). Runs of the old backend would
+        # be orphaned by a change; see docs/operator.md "Spec changes while a run is active".
+        cel(
+            "(has(self.backend) ? self.backend : 'kuberay') == (has(oldSelf.backend) ? oldSelf.backend : 'kuberay')",
+            "backend is immutable: create a new FineTuneJob to use another backend",
+            ".backend",
+        ),
     ),
 ):
     """A fine-tuning job: base model + dataset + adaptation + hyperparameters + evaluation."""

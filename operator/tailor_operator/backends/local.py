@@ -6,15 +6,24 @@ file sink (`<workdir>/progress.json`), so the operator never imports the pipelin
 
 from __future__ import annotations
 
+import glob as _glob
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from tailor_operator.api.v1alpha1 import Dataset, FineTuneJob
+from tailor_operator.builders.inspect_job import render_dataset
+from tailor_operator.reconcile.observe import RunObservation, ValidationObservation, observe_local_run
+from tailor_operator.reconcile.plan import StartRun, StartValidation
 from tailor_trainer.config import TrainerConfig
 
 CONFIG_FILE = "config.json"
@@ -104,3 +113,267 @@ def start(config: TrainerConfig, workdir: Path, *, env: Optional[dict[str, str]]
         start_new_session=True,
     )
     return LocalRun(workdir=workdir, process=process, log_path=log_path, _log=log)
+
+
+# =============================================================================================
+# The operator's local backend: runs and Dataset validations as subprocesses, found again after
+# a restart through `run.json` in each work directory.
+
+RUN_INFO = "run.json"
+RESULT_FILE = "status.json"
+
+
+class NoCapacity(Exception):
+    """Every local slot is busy; the run waits (phase Queued) and is retried."""
+
+
+def _pid_alive(pid: int, needle: str) -> bool:
+    """The process exists, is not a zombie, and its command line mentions `needle`."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and needle in cmdline
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class LocalBackend:
+    """Trainer subprocesses under `<root>/<namespace>/<job>/<run>/`, at most `max_concurrent` at once."""
+
+    def __init__(self, root: Path, max_concurrent: int = 1, python: str = sys.executable) -> None:
+        self.root = Path(root)
+        self.max_concurrent = max_concurrent
+        self.python = python
+        self._children: dict[Path, LocalRun] = {}
+        self._lock = threading.Lock()
+
+    def _job_dir(self, job: FineTuneJob) -> Path:
+        return self.root / (job.metadata.namespace or "default") / job.metadata.name
+
+    def _alive(self, workdir: Path, info: dict[str, Any]) -> tuple[bool, Optional[int]]:
+        """(running, exit code if known). Our own children are polled; adopted ones (started by an
+        earlier operator process) are checked through /proc."""
+        child = self._children.get(workdir)
+        if child is not None:
+            code = child.poll()
+            if code is None:
+                return True, None
+            if info.get("exitCode") is None:
+                info["exitCode"] = code
+                _write_json(workdir / RUN_INFO, info)
+            return False, code
+        if info.get("exitCode") is not None:
+            return False, int(info["exitCode"])
+        pid = info.get("pid")
+        return bool(pid and _pid_alive(int(pid), str(workdir / CONFIG_FILE))), None
+
+    def running_count(self) -> int:
+        count = 0
+        for info_path in self.root.glob(f"*/*/*/{RUN_INFO}"):
+            info = _read_json(info_path) or {}
+            if not info.get("stopped") and self._alive(info_path.parent, info)[0]:
+                count += 1
+        return count
+
+    def free_slots(self) -> int:
+        return max(self.max_concurrent - self.running_count(), 0)
+
+    def observe(self, job: FineTuneJob, current: Optional[str] = None, following: Optional[str] = None,
+                everything: bool = False) -> dict[str, RunObservation]:
+        """Every run of the job that has a work directory (a directory scan is cheap)."""
+        runs: dict[str, RunObservation] = {}
+        for info_path in sorted(self._job_dir(job).glob(f"*/{RUN_INFO}")):
+            info = _read_json(info_path) or {}
+            if info.get("uid") != job.metadata.uid or info.get("stopped"):
+                continue  # a same-named earlier job, or a stopped run (like a deleted RayJob)
+            workdir = info_path.parent
+            running, code = self._alive(workdir, info)
+            runs[workdir.name] = observe_local_run(
+                workdir.name, number=int(info.get("number", 0)), attempt=int(info.get("attempt", 1)),
+                running=running, exit_code=code, progress=read_progress(workdir / PROGRESS_FILE),
+                log_tail=_tail(workdir / LOG_FILE) if not running and code else "",
+                dataset_revision=info.get("datasetRevision"))
+        return runs
+
+    def start(self, job: FineTuneJob, action: StartRun) -> bool:
+        """Start the trainer for this attempt unless it already runs; False if it was adopted."""
+        workdir = self._job_dir(job) / action.run
+        with self._lock:
+            info = _read_json(workdir / RUN_INFO) or {}
+            if info.get("uid") == job.metadata.uid and int(info.get("attempt", 0)) == action.attempt \
+                    and not info.get("stopped") and self._alive(workdir, info)[0]:
+                return False
+            if self.running_count() >= self.max_concurrent:
+                raise NoCapacity(f"all {self.max_concurrent} local slot(s) busy")
+            run = start(action.config, workdir, python=self.python)
+            self._children[workdir] = run
+            _write_json(workdir / RUN_INFO, {
+                "uid": job.metadata.uid, "job": job.metadata.name, "run": action.run, "number": action.number,
+                "attempt": action.attempt, "pid": run.pid, "datasetRevision": action.config.dataset.revision,
+                "startedAt": time.time(), "exitCode": None, "stopped": False})
+            return True
+
+    def stop(self, job: FineTuneJob, run: str) -> None:
+        """Terminate the trainer (its checkpoints stay in the output directory)."""
+        workdir = self._job_dir(job) / run
+        with self._lock:
+            info = _read_json(workdir / RUN_INFO)
+            if info is None:
+                return
+            child = self._children.pop(workdir, None)
+            if child is not None:
+                child.terminate()
+            elif info.get("pid") and _pid_alive(int(info["pid"]), str(workdir / CONFIG_FILE)):
+                try:
+                    os.killpg(int(info["pid"]), signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            info["stopped"] = True
+            _write_json(workdir / RUN_INFO, info)
+
+    def delete(self, job: FineTuneJob, run: str) -> None:
+        self.stop(job, run)
+        shutil.rmtree(self._job_dir(job) / run, ignore_errors=True)
+
+    def cleanup(self, namespace: str, name: str) -> None:
+        """Finalizer: stop every run of the job and remove its work directories."""
+        job_dir = self.root / namespace / name
+        for info_path in job_dir.glob(f"*/{RUN_INFO}"):
+            info = _read_json(info_path) or {}
+            workdir = info_path.parent
+            child = self._children.pop(workdir, None)
+            if child is not None:
+                child.terminate(grace_seconds=5.0)
+            elif info.get("pid") and _pid_alive(int(info["pid"]), str(workdir / CONFIG_FILE)):
+                try:
+                    os.killpg(int(info["pid"]), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(job_dir, ignore_errors=True)
+
+
+class LocalValidation:
+    """`python -m tailor_trainer inspect` subprocesses under `<root>/<namespace>/.datasets/<dataset>/<key>/`."""
+
+    def __init__(self, root: Path, python: str = sys.executable) -> None:
+        self.root = Path(root)
+        self.python = python
+        self._children: dict[Path, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+
+    def _dir(self, dataset: Dataset) -> Path:
+        return self.root / (dataset.metadata.namespace or "default") / ".datasets" / dataset.metadata.name
+
+    def observe(self, dataset: Dataset, key: str) -> tuple[ValidationObservation, tuple[str, ...]]:
+        base = self._dir(dataset)
+        others = tuple(sorted(p.name for p in base.glob("*") if p.is_dir() and p.name != key
+                              and (_read_json(p / RUN_INFO) or {}).get("uid") == dataset.metadata.uid))
+        workdir = base / key
+        info = _read_json(workdir / RUN_INFO)
+        if info is None or info.get("uid") != dataset.metadata.uid:
+            return ValidationObservation(key=key), others
+        result = _read_json(workdir / RESULT_FILE)
+        if result is not None:
+            return ValidationObservation(key=key, exists=True, finished=True, result=result), others
+        child = self._children.get(workdir)
+        running = child.poll() is None if child is not None else bool(
+            info.get("pid") and _pid_alive(int(info["pid"]), str(workdir / "dataset.json")))
+        if running:
+            return ValidationObservation(key=key, exists=True), others
+        if child is None:
+            return ValidationObservation(key=key), others  # left by an earlier operator process: redo
+        code = child.returncode if child is not None else None
+        return ValidationObservation(key=key, exists=True, finished=True, failure=(
+            f"validation exited with code {code} and wrote no result: {_tail(workdir / 'inspect.log', 3)}")), others
+
+    def start(self, dataset: Dataset, action: StartValidation) -> None:
+        workdir = self._dir(dataset) / action.key
+        with self._lock:
+            child = self._children.get(workdir)
+            if child is not None and child.poll() is None:
+                return
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "dataset.json").write_text(render_dataset(action.dataset))
+            (workdir / RESULT_FILE).unlink(missing_ok=True)
+            log = (workdir / "inspect.log").open("ab")
+            process = subprocess.Popen(
+                [self.python, "-m", "tailor_trainer", "inspect", "--dataset", str(workdir / "dataset.json"),
+                 "--output", "json", "--result-file", str(workdir / RESULT_FILE)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            log.close()
+            self._children[workdir] = process
+            _write_json(workdir / RUN_INFO, {"uid": dataset.metadata.uid, "pid": process.pid, "key": action.key})
+
+    def delete(self, dataset: Dataset, key: str) -> None:
+        workdir = self._dir(dataset) / key
+        child = self._children.pop(workdir, None)
+        if child is not None and child.poll() is None:
+            child.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def cleanup(self, namespace: str, name: str) -> None:
+        base = self.root / namespace / ".datasets" / name
+        for workdir in list(self._children):
+            if workdir.parent == base:
+                child = self._children.pop(workdir)
+                if child.poll() is None:
+                    child.kill()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------- what the operator reads
+
+
+def local_path(uri: Optional[str]) -> Optional[Path]:
+    """A path the operator can read itself (plain path or file://), else None."""
+    if not uri or "://" in uri and not uri.startswith("file://"):
+        return None
+    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+def fingerprint_path(uri: Optional[str]) -> Optional[str]:
+    """`sha256:<16 hex>` over the content of every file the URI (or glob) names; None if unreadable."""
+    path = local_path(uri)
+    if path is None:
+        return None
+    files = sorted(Path(p) for p in _glob.glob(str(path))) if any(c in str(path) for c in "*?[") else [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    files = [f for f in files if f.is_file()]
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0")
+        with f.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def read_model_config(uri: Optional[str]) -> Optional[dict[str, Any]]:
+    """The base model's config.json when it is a local directory (for the target-module check)."""
+    path = local_path(uri)
+    if path is None:
+        return None
+    return _read_json(path / "config.json")

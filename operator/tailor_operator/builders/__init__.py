@@ -1,1 +1,1 @@
-
+"""Pure builders: models -> plain dicts (child objects, trainer config, patches). No API calls."""

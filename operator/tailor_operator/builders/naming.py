@@ -30,3 +30,8 @@ def config_map_name(run: str) -> str:
 
 def progress_config_map_name(run: str) -> str:
     return safe_name(run, "-progress")
+
+
+def validation_name(dataset: str, digest: str) -> str:
+    """`<dataset>-v<digest8>`: one validation (Job + ConfigMap) per Dataset spec and revision."""
+    return safe_name(dataset, f"-v{digest[:8]}")

@@ -1,0 +1,138 @@
+"""KubeRay backend: runs are RayJobs, Dataset validations are batch/v1 Jobs (through the Cluster).
+
+Reads are kept to what the reconcile needs: one label-selected RayJob list per job, the progress
+ConfigMap of the current run only, and its pods only while the run is not (or no longer) running
+normally, which is when a pod-level reason is worth finding.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from tailor_operator.api.v1alpha1 import Dataset, FineTuneJob
+from tailor_operator.builders.configmaps import PROGRESS_KEY
+from tailor_operator.builders.inspect_job import RESULT_KEY
+from tailor_operator.builders.labels import LABEL_DATASET, LABEL_JOB, LABEL_NAME, LABEL_RUN
+from tailor_operator.builders.naming import config_map_name, progress_config_map_name
+from tailor_operator.reconcile.observe import (
+    RunObservation,
+    ValidationObservation,
+    observe_inspect,
+    observe_rayjob,
+)
+from tailor_operator.reconcile.plan import StartRun, StartValidation
+
+_HEALTHY = {("Running", "RUNNING"), ("Complete", "SUCCEEDED")}
+# Deployment states in which the trainer may have written a progress document.
+_TRAINER_STARTED = {"Running", "Complete", "Failed", "ValidationFailed"}
+
+
+def _owned_by(obj: dict[str, Any], uid: Optional[str]) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return not uid or any(r.get("uid") == uid for r in refs)
+
+
+def parse_progress(config_map: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    raw = ((config_map or {}).get("data") or {}).get(PROGRESS_KEY)
+    if not raw:
+        return None
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+class KubeRayBackend:
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+
+    def observe(self, job: FineTuneJob, current: Optional[str] = None, following: Optional[str] = None,
+                everything: bool = False) -> dict[str, RunObservation]:
+        """The current run and the one after it (which exists only if a predecessor operator created
+        it and died before recording it), by name: GETs stay O(1) however many RayJobs a namespace
+        holds. `everything` lists all of the job's RayJobs (for ttlSecondsAfterFinished)."""
+        ns = job.metadata.namespace
+        if everything:
+            rayjobs = self.cluster.list("RayJob", ns, {LABEL_JOB: job.metadata.name})
+        else:
+            rayjobs = [r for r in (self.cluster.get("RayJob", ns, n) for n in (current, following) if n) if r]
+        runs: dict[str, RunObservation] = {}
+        for rayjob in rayjobs:
+            if not _owned_by(rayjob, job.metadata.uid):
+                continue  # a same-named job's leftovers, being garbage-collected
+            name = rayjob["metadata"]["name"]
+            status = rayjob.get("status") or {}
+            deployment = status.get("jobDeploymentStatus") or ""
+            progress = pods = None
+            if name in (current, following):
+                if deployment in _TRAINER_STARTED or status.get("jobStatus"):
+                    progress = parse_progress(self.cluster.get("ConfigMap", ns, progress_config_map_name(name)))
+                if deployment and (deployment, status.get("jobStatus")) not in _HEALTHY:
+                    pods = self.cluster.list("Pod", ns, {LABEL_RUN: name})
+            runs[name] = observe_rayjob(rayjob, progress, pods)
+        return runs
+
+    def start(self, job: FineTuneJob, action: StartRun) -> bool:
+        """Create the config, the progress sink and the RayJob; True if the RayJob is new (an
+        existing one, e.g. created before an operator restart, is adopted)."""
+        created = False
+        for child in action.children:
+            kind = child["kind"]
+            if kind == "RayJob":
+                _, created = self.cluster.create_or_adopt(child)
+            elif child["metadata"]["name"].endswith("-progress"):
+                self.cluster.apply(child, keep_data=True)
+            else:
+                self.cluster.apply(child)
+        return created
+
+    def stop(self, job: FineTuneJob, run: str) -> None:
+        self.cluster.delete("RayJob", job.metadata.namespace, run)
+
+    def delete(self, job: FineTuneJob, run: str) -> None:
+        ns = job.metadata.namespace
+        self.cluster.delete("RayJob", ns, run)
+        self.cluster.delete("ConfigMap", ns, config_map_name(run))
+        self.cluster.delete("ConfigMap", ns, progress_config_map_name(run))
+
+    def cleanup(self, namespace: str, name: str, uid: Optional[str] = None) -> int:
+        """Finalizer: delete every RayJob and ConfigMap of the job. Returns how many were deleted."""
+        deleted = 0
+        for kind in ("RayJob", "ConfigMap"):
+            for obj in self.cluster.list(kind, namespace, {LABEL_JOB: name}):
+                if _owned_by(obj, uid):
+                    deleted += self.cluster.delete(kind, namespace, obj["metadata"]["name"],
+                                                   uid=obj["metadata"].get("uid"))
+        return deleted
+
+
+class KubeRayValidation:
+    """Dataset validation as a batch/v1 Job that publishes its result into a ConfigMap."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+
+    def observe(self, dataset: Dataset, key: str) -> tuple[ValidationObservation, tuple[str, ...]]:
+        ns = dataset.metadata.namespace
+        labels = {LABEL_DATASET: dataset.metadata.name, LABEL_NAME: "tailor-inspect"}
+        config_maps = [c for c in self.cluster.list("ConfigMap", ns, labels) if _owned_by(c, dataset.metadata.uid)]
+        mine = next((c for c in config_maps if c["metadata"]["name"] == key), None)
+        others = tuple(sorted(c["metadata"]["name"] for c in config_maps if c["metadata"]["name"] != key))
+        if mine is not None and ((mine.get("data") or {}).get(RESULT_KEY)):
+            return observe_inspect(key, config_map=mine, job=None), others
+        job = self.cluster.get("Job", ns, key) if mine is not None else None
+        return observe_inspect(key, config_map=mine, job=job), others
+
+    def start(self, dataset: Dataset, action: StartValidation) -> None:
+        for child in action.children:
+            self.cluster.create_or_adopt(child)
+
+    def delete(self, dataset: Dataset, key: str) -> None:
+        ns = dataset.metadata.namespace
+        self.cluster.delete("Job", ns, key)
+        self.cluster.delete("ConfigMap", ns, key)
+
+    def cleanup(self, namespace: str, name: str) -> None:
+        """Owner references remove these with the Dataset; nothing to do eagerly."""

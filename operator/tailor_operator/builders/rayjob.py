@@ -1,0 +1,208 @@
+"""Pure: one run of a FineTuneJob -> a KubeRay RayJob (ray.io/v1) manifest.
+
+The RayJob runs `python -m tailor_trainer run --config /etc/tailor/config.json` on a head node
+(CPU only) with one worker group of `workers` pods (DDP ranks) on the GPU pool. Retries are the
+operator's (KubeRay's own backoffLimit would rebuild the cluster blind to checkpoints), so the
+RayJob's `backoffLimit` is 0 and the attempt number is an annotation.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from tailor_operator.api.v1alpha1 import Dataset, FineTuneJob
+from tailor_operator.builders.labels import (
+    ANNOTATION_ATTEMPT,
+    ANNOTATION_CONFIG_HASH,
+    ANNOTATION_GENERATION,
+    ANNOTATION_REVISION,
+    ANNOTATION_RUN_NUMBER,
+    LABEL_NAME,
+    LABEL_QUEUE,
+    object_meta,
+    run_labels,
+)
+from tailor_operator.builders.naming import config_map_name, safe_name
+
+CONFIG_DIR = "/etc/tailor"
+CONFIG_PATH = f"{CONFIG_DIR}/config.json"
+ENTRYPOINT = f"python -m tailor_trainer run --config {CONFIG_PATH}"
+SECRETS_DIR = "/var/run/secrets/tailor"
+PVC_ROOT = "/mnt/pvc"
+GPU = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class RayJobOptions:
+    """Installation-wide choices (operator settings) that shape every RayJob."""
+
+    image: str = "ghcr.io/tailor-dev/tailor-trainer:0.1.0"
+    ray_version: str = "2.47.1"
+    service_account: Optional[str] = None
+    head_cpu: str = "1"
+    head_memory: str = "4Gi"
+    cluster_ttl_seconds: int = 300
+
+
+def pvc_claim(uri: Optional[str]) -> Optional[str]:
+    """`pvc://<claim>/<path>` -> claim (mounted at /mnt/pvc/<claim>)."""
+    if uri and uri.startswith("pvc://"):
+        claim = uri[len("pvc://"):].split("/", 1)[0]
+        return claim or None
+    return None
+
+
+def secret_refs(job: FineTuneJob, dataset: Optional[Dataset]) -> list[tuple[str, str]]:
+    """(role, secret name) for every credential the run needs: names only, never values."""
+    refs: list[tuple[str, str]] = []
+    if job.spec.base_model.secret_ref:
+        refs.append(("model", job.spec.base_model.secret_ref.name))
+    if dataset is not None and dataset.spec.source.secret_ref:
+        refs.append(("dataset", dataset.spec.source.secret_ref.name))
+    if job.spec.output.secret_ref:
+        refs.append(("output", job.spec.output.secret_ref.name))
+    return refs
+
+
+def _storage(job: FineTuneJob, dataset: Optional[Dataset],
+             run: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """Volumes, mounts and envFrom shared by head and workers."""
+    volumes: list[dict[str, Any]] = [{"name": "tailor-config", "configMap": {"name": config_map_name(run)}}]
+    mounts: list[dict[str, Any]] = [{"name": "tailor-config", "mountPath": CONFIG_DIR, "readOnly": True}]
+    env_from: list[dict[str, Any]] = []
+    seen_secrets: set[str] = set()
+    for role, name in secret_refs(job, dataset):
+        volume = f"secret-{role}"
+        volumes.append({"name": volume, "secret": {"secretName": name}})
+        mounts.append({"name": volume, "mountPath": f"{SECRETS_DIR}/{role}", "readOnly": True})
+        if name not in seen_secrets:
+            env_from.append({"secretRef": {"name": name}})
+            seen_secrets.add(name)
+    uris = [job.spec.base_model.uri, job.spec.output.uri]
+    if dataset is not None and dataset.spec.source.uri:
+        uris.append(dataset.spec.source.uri)
+    claims: list[str] = []
+    for uri in uris:
+        claim = pvc_claim(uri)
+        if claim and claim not in claims:
+            claims.append(claim)
+    for claim in claims:
+        volume = safe_name("pvc-", claim)
+        volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": volume, "mountPath": f"{PVC_ROOT}/{claim}"})
+    return volumes, mounts, env_from
+
+
+def _container(name: str, image: str, env: list[dict], env_from: list[dict], mounts: list[dict],
+               resources: dict[str, Any]) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": name, "image": image, "env": copy.deepcopy(env)}
+    if env_from:
+        container["envFrom"] = copy.deepcopy(env_from)
+    container["resources"] = copy.deepcopy(resources)
+    container["volumeMounts"] = copy.deepcopy(mounts)
+    return container
+
+
+def build_rayjob(
+    job: FineTuneJob,
+    dataset: Optional[Dataset],
+    run: str,
+    *,
+    number: int,
+    attempt: int,
+    dataset_revision: Optional[str],
+    config_hash: str,
+    options: RayJobOptions,
+) -> dict[str, Any]:
+    """The RayJob for attempt `attempt` of run `run` (deterministic: same inputs, same dict)."""
+    spec = job.spec
+    res = spec.resources
+    namespace = job.metadata.namespace
+    labels = run_labels(job.metadata.name, run)
+    pod_labels = {**labels, LABEL_NAME: "tailor-trainer"}
+    meta_labels = dict(pod_labels)
+    if spec.queue_name:
+        meta_labels[LABEL_QUEUE] = spec.queue_name
+    annotations = {
+        ANNOTATION_ATTEMPT: str(attempt),
+        ANNOTATION_RUN_NUMBER: str(number),
+        ANNOTATION_GENERATION: str(job.metadata.generation or 0),
+        ANNOTATION_CONFIG_HASH: config_hash,
+    }
+    if dataset_revision:
+        annotations[ANNOTATION_REVISION] = dataset_revision
+    image = res.image or options.image
+    volumes, mounts, env_from = _storage(job, dataset, run)
+    env = [
+        {"name": "TAILOR_NAMESPACE", "value": namespace or "default"},
+        {"name": "TAILOR_JOB", "value": job.metadata.name},
+        {"name": "TAILOR_RUN", "value": run},
+        {"name": "TAILOR_ATTEMPT", "value": str(attempt)},
+    ]
+    head_resources = {
+        "requests": {"cpu": options.head_cpu, "memory": options.head_memory},
+        "limits": {"cpu": options.head_cpu, "memory": options.head_memory},
+    }
+    worker_limits: dict[str, str] = {"cpu": res.cpus_per_worker, "memory": res.memory_per_worker}
+    if res.gpus_per_worker:
+        worker_limits[GPU] = str(res.gpus_per_worker)
+    worker_resources = {"requests": dict(worker_limits), "limits": dict(worker_limits)}
+
+    def pod_spec(container: dict[str, Any], extra_volumes: list[dict], placement: bool) -> dict[str, Any]:
+        pod: dict[str, Any] = {}
+        if options.service_account:
+            pod["serviceAccountName"] = options.service_account
+        if res.priority_class_name:
+            pod["priorityClassName"] = res.priority_class_name
+        if placement:
+            if res.node_selector:
+                pod["nodeSelector"] = dict(res.node_selector)
+            if res.tolerations:
+                pod["tolerations"] = [t.to_wire() for t in res.tolerations]
+            if res.affinity:
+                pod["affinity"] = res.affinity
+        pod["containers"] = [copy.deepcopy(container)]
+        pod["volumes"] = copy.deepcopy(volumes + extra_volumes)
+        return pod
+
+    head = _container("ray-head", image, env, env_from, mounts, head_resources)
+    worker = _container("ray-worker", image, env, env_from,
+                        mounts + [{"name": "dshm", "mountPath": "/dev/shm"}], worker_resources)
+    shm = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+
+    rayjob_spec: dict[str, Any] = {
+        "entrypoint": ENTRYPOINT,
+        "submissionMode": "K8sJobMode",
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": options.cluster_ttl_seconds,
+        "backoffLimit": 0,
+    }
+    if spec.active_deadline_seconds:
+        rayjob_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    rayjob_spec["rayClusterSpec"] = {
+        "rayVersion": options.ray_version,
+        "headGroupSpec": {
+            "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
+            "template": {"metadata": {"labels": dict(pod_labels)},
+                         "spec": pod_spec(head, [], placement=False)},
+        },
+        "workerGroupSpecs": [
+            {
+                "groupName": "workers",
+                "replicas": res.workers,
+                "minReplicas": res.workers,
+                "maxReplicas": res.workers,
+                "rayStartParams": {"num-gpus": str(res.gpus_per_worker)},
+                "template": {"metadata": {"labels": dict(pod_labels)},
+                             "spec": pod_spec(worker, shm, placement=True)},
+            }
+        ],
+    }
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": object_meta(run, namespace, meta_labels, job, annotations),
+        "spec": rayjob_spec,
+    }

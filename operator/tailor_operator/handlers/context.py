@@ -1,0 +1,252 @@
+"""The operator's runtime state: settings, API access, backends, metrics, and a work queue.
+
+kopf feeds events in; every object key goes through one de-duplicating queue served by a fixed
+pool of worker threads, like client-go's workqueue: a key is never reconciled by two threads at
+once, a burst of events for one key becomes one reconcile, and `add_after` schedules the next
+look (backoff, deadlines, progress polling) without a timer per object.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from tailor_operator.api.v1alpha1 import Backend
+from tailor_operator.backends.kuberay import KubeRayBackend, KubeRayValidation
+from tailor_operator.backends.local import LocalBackend, LocalValidation
+from tailor_operator.cluster import Cluster
+from tailor_operator.metrics import Metrics
+from tailor_operator.reconcile.settings import OperatorSettings
+
+logger = logging.getLogger("tailor.operator")
+
+Key = tuple[str, str, str]  # (kind, namespace, name)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+class WorkQueue:
+    """De-duplicating keyed queue with delayed re-adds and per-key exclusivity."""
+
+    def __init__(self, process: Callable[[Key], Optional[float]], workers: int = 8,
+                 on_depth: Optional[Callable[[int], None]] = None) -> None:
+        self._process = process
+        self._cond = threading.Condition()
+        self._queue: deque[Key] = deque()
+        self._queued: set[Key] = set()
+        self._processing: set[Key] = set()
+        self._dirty: set[Key] = set()
+        self._timers: list[tuple[float, int, Key]] = []
+        self._due: dict[Key, float] = {}
+        self._failures: dict[Key, int] = {}
+        self._seq = 0
+        self._stopped = False
+        self._on_depth = on_depth
+        self._threads = [threading.Thread(target=self._work, name=f"tailor-worker-{i}", daemon=True)
+                         for i in range(workers)]
+        self._threads.append(threading.Thread(target=self._tick, name="tailor-timer", daemon=True))
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def add(self, key: Key) -> None:
+        with self._cond:
+            self._add_locked(key)
+
+    def _add_locked(self, key: Key) -> None:
+        if key in self._processing:
+            self._dirty.add(key)
+        elif key not in self._queued:
+            self._queue.append(key)
+            self._queued.add(key)
+            self._cond.notify()
+        if self._on_depth:
+            self._on_depth(len(self._queue))
+
+    def add_after(self, key: Key, delay: float) -> None:
+        if delay <= 0:
+            self.add(key)
+            return
+        due = time.monotonic() + delay
+        with self._cond:
+            if key in self._due and self._due[key] <= due:
+                return  # an earlier look is already scheduled
+            self._due[key] = due
+            self._seq += 1
+            heapq.heappush(self._timers, (due, self._seq, key))
+            self._cond.notify_all()
+
+    def run_exclusive(self, key: Key, fn: Callable[[], Any]) -> Any:
+        """Run fn while no worker reconciles `key` (used by the deletion finalizer)."""
+        with self._cond:
+            while key in self._processing:
+                self._cond.wait(0.5)
+            self._processing.add(key)
+        try:
+            return fn()
+        finally:
+            with self._cond:
+                self._processing.discard(key)
+                self._dirty.discard(key)
+                self._cond.notify_all()
+
+    def _tick(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopped:
+                    return
+                now = time.monotonic()
+                while self._timers and self._timers[0][0] <= now:
+                    due, _, key = heapq.heappop(self._timers)
+                    if self._due.get(key) == due:
+                        del self._due[key]
+                        self._add_locked(key)
+                wait = (self._timers[0][0] - now) if self._timers else 1.0
+                self._cond.wait(min(max(wait, 0.01), 1.0))
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                key = self._queue.popleft()
+                self._queued.discard(key)
+                self._processing.add(key)
+            requeue: Optional[float] = None
+            try:
+                requeue = self._process(key)
+                self._failures.pop(key, None)
+            except Exception:  # noqa: BLE001 - one object's failure must not stop the operator
+                failures = self._failures.get(key, 0) + 1
+                self._failures[key] = failures
+                requeue = min(0.5 * 2 ** failures, 60.0)
+                logger.exception("reconcile of %s/%s/%s failed (retry in %.1fs)", *key, requeue)
+            finally:
+                with self._cond:
+                    self._processing.discard(key)
+                    if key in self._dirty:
+                        self._dirty.discard(key)
+                        self._add_locked(key)
+                    self._cond.notify_all()
+            if requeue is not None:
+                self.add_after(key, requeue)
+
+
+@dataclass
+class Context:
+    """Everything a handler needs; built once by the runner (tests build their own)."""
+
+    settings: OperatorSettings
+    cluster: Cluster
+    metrics: Metrics
+    workdir: Path
+    resync_seconds: float = 60.0
+    workers: int = 8
+    instance: str = "tailor-operator"
+    kuberay: KubeRayBackend = field(init=False)
+    local: LocalBackend = field(init=False)
+    validations: dict[Backend, Any] = field(init=False)
+    queue: WorkQueue = field(init=False)
+    bodies: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    """Latest body seen in a watch event, used (once) instead of a GET."""
+    datasets: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    """Watch cache of Dataset bodies."""
+    refs: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    """(namespace, dataset) -> FineTuneJobs referencing it."""
+    job_refs: dict[tuple[str, str], str] = field(default_factory=dict)
+    last_write: dict[str, float] = field(default_factory=dict)
+    fingerprints: dict[tuple[str, str], tuple[Any, Optional[str], float]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.kuberay = KubeRayBackend(self.cluster)
+        self.local = LocalBackend(self.workdir, self.settings.local_max_concurrent)
+        self.validations = {Backend.kuberay: KubeRayValidation(self.cluster),
+                            Backend.local: LocalValidation(self.workdir)}
+        self.queue = WorkQueue(self._process, self.workers, on_depth=self.metrics.queue_depth.set)
+
+    def _process(self, key: Key) -> Optional[float]:
+        from tailor_operator.handlers.dataset import sync_dataset
+        from tailor_operator.handlers.finetunejob import sync_job
+
+        kind, namespace, name = key
+        started = time.perf_counter()
+        try:
+            if kind == "FineTuneJob":
+                return sync_job(self, namespace, name)
+            return sync_dataset(self, namespace, name)
+        except Exception:
+            self.metrics.reconcile_errors.labels(kind).inc()
+            raise
+        finally:
+            self.metrics.reconcile_duration.labels(kind).observe(time.perf_counter() - started)
+
+    # ---------------------------------------------------------------------- event bookkeeping
+
+    def job_seen(self, body: dict[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        dataset = ((body.get("spec") or {}).get("datasetRef") or {}).get("name")
+        with self.lock:
+            old = self.job_refs.get(key)
+            if old != dataset:
+                if old is not None:
+                    self.refs.get((key[0], old), set()).discard(key[1])
+                if dataset:
+                    self.refs.setdefault((key[0], dataset), set()).add(key[1])
+                    self.job_refs[key] = dataset
+            self.bodies[("FineTuneJob", *key)] = body
+        self.queue.add(("FineTuneJob", *key))
+
+    def job_gone(self, namespace: str, name: str, uid: str) -> None:
+        with self.lock:
+            dataset = self.job_refs.pop((namespace, name), None)
+            if dataset:
+                self.refs.get((namespace, dataset), set()).discard(name)
+            self.bodies.pop(("FineTuneJob", namespace, name), None)
+            self.last_write.pop(uid, None)
+        self.metrics.forget_job(uid, namespace, name)
+
+    def dataset_seen(self, body: dict[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        with self.lock:
+            self.datasets[key] = body
+            self.bodies[("Dataset", *key)] = body
+            dependents = list(self.refs.get(key, ()))
+        self.queue.add(("Dataset", *key))
+        for job in dependents:
+            self.queue.add(("FineTuneJob", key[0], job))
+
+    def dataset_gone(self, namespace: str, name: str, uid: str) -> None:
+        with self.lock:
+            self.datasets.pop((namespace, name), None)
+            self.bodies.pop(("Dataset", namespace, name), None)
+            self.fingerprints.pop((namespace, name), None)
+            dependents = list(self.refs.get((namespace, name), ()))
+        for validation in self.validations.values():
+            validation.cleanup(namespace, name)
+        self.metrics.dataset_ready(uid, None)
+        for job in dependents:
+            self.queue.add(("FineTuneJob", namespace, job))
+
+    def take_body(self, key: Key) -> Optional[dict[str, Any]]:
+        with self.lock:
+            return self.bodies.pop(key, None)

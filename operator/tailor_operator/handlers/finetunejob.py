@@ -1,0 +1,226 @@
+"""FineTuneJob: parse -> observe -> reconcile -> write status -> apply actions -> events.
+
+Status goes first, guarded by the object's resourceVersion: a 409 means the object changed under
+us, so the whole step is redone from a fresh read (no action has run yet). Actions after the
+status write are idempotent and level-based, so an operator killed between the two finds the
+status ahead of the world and the next reconcile creates or adopts what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+from pydantic import ValidationError
+
+from tailor_operator.api.v1alpha1 import Backend, Dataset, FineTuneJob, FineTuneJobStatus
+from tailor_operator.backends.local import NoCapacity, read_model_config
+from tailor_operator.builders.events import build_event
+from tailor_operator.builders.naming import run_name
+from tailor_operator.builders.promotion import build_inference_service_patch, build_target_config_map
+from tailor_operator.cluster import ApiError, Conflict
+from tailor_operator.handlers.context import Context, utcnow
+from tailor_operator.metrics import bounded_reason
+from tailor_operator.reconcile import JobObserved, JobPlan, reconcile_finetunejob
+from tailor_operator.reconcile.plan import ApplyPromotion, DeleteRun, Event, StartRun, StopRun
+from tailor_operator.reconcile.status import status_body, write_decision
+
+logger = logging.getLogger("tailor.finetunejob")
+CONFLICT_RETRIES = 5
+
+
+def sync_job(ctx: Context, namespace: str, name: str) -> Optional[float]:
+    """Reconcile one FineTuneJob; returns seconds until it should be looked at again (or None)."""
+    key = ("FineTuneJob", namespace, name)
+    body = ctx.take_body(key) or ctx.cluster.get("FineTuneJob", namespace, name)
+    for _ in range(CONFLICT_RETRIES):
+        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        try:
+            job = FineTuneJob.model_validate(body)
+        except ValidationError as e:
+            logger.error("FineTuneJob %s/%s does not parse: %s", namespace, name, e)
+            return None
+        observed = observe_job(ctx, job)
+        plan = reconcile_finetunejob(job, observed, ctx.settings, utcnow())
+        written, delay, body = _write_status(ctx, job, body, plan)
+        if not written:
+            continue  # the object changed in a way that matters: reconcile the fresh one
+        _apply(ctx, job, body, plan, observed)
+        ctx.metrics.job_phase(job.metadata.uid or name, plan.status.phase.value)
+        if delay is not None:
+            ctx.metrics.status_writes_deferred.labels("FineTuneJob").inc()
+        delays = [x for x in (plan.requeue_after, delay) if x is not None]
+        return min(delays) if delays else None
+    logger.info("FineTuneJob %s/%s keeps changing under the operator; trying again shortly", namespace, name)
+    return 1.0
+
+
+def observe_job(ctx: Context, job: FineTuneJob) -> JobObserved:
+    ns = job.metadata.namespace or "default"
+    status = job.status or FineTuneJobStatus()
+    ds_body = ctx.datasets.get((ns, job.spec.dataset_ref.name)) or ctx.cluster.get(
+        "Dataset", ns, job.spec.dataset_ref.name)
+    dataset = None
+    if ds_body is not None:
+        try:
+            dataset = Dataset.model_validate(ds_body)
+        except ValidationError:
+            logger.warning("Dataset %s/%s does not parse", ns, job.spec.dataset_ref.name)
+    backend = ctx.kuberay if job.spec.backend is Backend.kuberay else ctx.local
+    idle = status.current_run is None or status.completion_time is not None
+    runs = backend.observe(job, status.current_run, run_name(job.metadata.name, status.run_count + 1),
+                           everything=idle and job.spec.ttl_seconds_after_finished is not None)
+    inline = None
+    if dataset is not None and dataset.spec.source.config_map_ref is not None:
+        ref = dataset.spec.source.config_map_ref
+        cm = ctx.cluster.get("ConfigMap", ns, ref.name) or {}
+        data = cm.get("data") or {}
+        inline = data.get(ref.key) if ref.key else next(iter(data.values()), None)
+    model_config = read_model_config(job.spec.base_model.uri) if idle else None
+    slots = ctx.local.free_slots() if job.spec.backend is Backend.local else None
+    return JobObserved(dataset=dataset, runs=runs, inline_data=inline, model_config=model_config,
+                       local_slots=slots, target_model_uri=_target_uri(ctx, job))
+
+
+def _target_uri(ctx: Context, job: FineTuneJob) -> Optional[str]:
+    cl = job.spec.continuous_learning
+    target = cl.promotion.target if cl is not None else None
+    if target is None or job.status is None or job.status.champion is None:
+        return None
+    ns = job.metadata.namespace
+    if target.config_map is not None:
+        cm = ctx.cluster.get("ConfigMap", ns, target.config_map.name) or {}
+        return (cm.get("data") or {}).get(target.config_map.key)
+    assert target.inference_service is not None
+    isvc = ctx.cluster.get("InferenceService", ns, target.inference_service.name) or {}
+    return ((((isvc.get("spec") or {}).get("predictor") or {}).get("model")) or {}).get("storageUri")
+
+
+def _same_inputs(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two versions of the object that reconcile to the same plan (e.g. only labels changed)."""
+    ma, mb = a.get("metadata") or {}, b.get("metadata") or {}
+    return (ma.get("generation"), ma.get("deletionTimestamp"), a.get("spec"), a.get("status")) == (
+        mb.get("generation"), mb.get("deletionTimestamp"), b.get("spec"), b.get("status"))
+
+
+def _write_status(ctx: Context, job: FineTuneJob, body: dict[str, Any],
+                  plan: JobPlan) -> tuple[bool, Optional[float], Optional[dict[str, Any]]]:
+    """Write the planned status unless only progress changed within the rate limit (then: a delay).
+    Returns (done, delay, latest body). On 409 the object is re-read: if only what the reconcile
+    ignores changed (labels, annotations), the same status is written again on the new version;
+    otherwise done is False and the caller reconciles the fresh object."""
+    old = status_body(job.status or FineTuneJobStatus())
+    new = status_body(plan.status)
+    uid = job.metadata.uid or job.metadata.name
+    write, delay = write_decision(old, new, ctx.last_write.get(uid), time.monotonic(),
+                                  ctx.settings.status_min_interval_seconds)
+    if not write:
+        return True, delay, body
+    for _ in range(CONFLICT_RETRIES):
+        try:
+            ctx.cluster.replace_status({**body, "status": new})
+            ctx.last_write[uid] = time.monotonic()
+            return True, delay, body
+        except Conflict:
+            ctx.metrics.status_conflicts.labels("FineTuneJob").inc()
+            fresh = ctx.cluster.get("FineTuneJob", job.metadata.namespace, job.metadata.name)
+            logger.info("conflict writing status of %s/%s", job.metadata.namespace, job.metadata.name)
+            if fresh is None or not _same_inputs(body, fresh):
+                return False, None, fresh
+            body = fresh
+    return False, None, ctx.cluster.get("FineTuneJob", job.metadata.namespace, job.metadata.name)
+
+
+def _apply(ctx: Context, job: FineTuneJob, body: dict[str, Any], plan: JobPlan, observed: JobObserved) -> None:
+    backend_name = job.spec.backend.value
+    backend = ctx.kuberay if job.spec.backend is Backend.kuberay else ctx.local
+    events = list(plan.events)
+    for action in plan.actions:
+        try:
+            if isinstance(action, StartRun):
+                if backend.start(job, action):
+                    ctx.metrics.runs_started.labels(backend_name).inc()
+            elif isinstance(action, StopRun):
+                backend.stop(job, action.run)
+            elif isinstance(action, DeleteRun):
+                backend.delete(job, action.run)
+            elif isinstance(action, ApplyPromotion):
+                _promote(ctx, job, action)
+        except NoCapacity as e:
+            logger.info("%s/%s: %s", job.metadata.namespace, job.metadata.name, e)
+        except ApiError as e:
+            logger.warning("%s/%s: %s failed: %s", job.metadata.namespace, job.metadata.name,
+                           type(action).__name__, e)
+            events.append(_failure_event(action, e))
+    for event in events:
+        ctx.cluster.create_event(build_event(body, event.type, event.reason, event.message, utcnow(),
+                                             ctx.instance))
+        _count(ctx, job, plan, observed, event.reason, backend_name)
+
+
+def _failure_event(action: Any, error: ApiError) -> Event:
+    reason = "PromotionFailed" if isinstance(action, ApplyPromotion) else "ApplyFailed"
+    return Event("Warning", reason, f"{type(action).__name__} {getattr(action, 'run', '')}: {error.message}")
+
+
+def _promote(ctx: Context, job: FineTuneJob, action: ApplyPromotion) -> None:
+    ns = job.metadata.namespace
+    target = action.target
+    if target.config_map is not None:
+        body = build_target_config_map(job, target, action.run, action.model_uri)
+        existing = ctx.cluster.get("ConfigMap", ns, target.config_map.name)
+        if existing is None:
+            ctx.cluster.create(body)
+        else:
+            ctx.cluster.merge_patch("ConfigMap", ns, target.config_map.name,
+                                    {"metadata": {"annotations": body["metadata"]["annotations"]},
+                                     "data": body["data"]})
+    elif target.inference_service is not None:
+        ctx.cluster.merge_patch("InferenceService", ns, target.inference_service.name,
+                                build_inference_service_patch(action.run, action.model_uri))
+
+
+def _count(ctx: Context, job: FineTuneJob, plan: JobPlan, observed: JobObserved, reason: str,
+           backend: str) -> None:
+    """Metrics follow the transitions the events announce (each happens once per run)."""
+    st = plan.status
+    m = ctx.metrics
+    duration = None
+    if st.start_time and st.completion_time:
+        duration = (st.completion_time - st.start_time).total_seconds()
+    if reason == "RunSucceeded":
+        m.runs_succeeded.labels(backend).inc()
+        if duration is not None:
+            m.run_duration.labels(backend, "succeeded").observe(duration)
+        run = observed.runs.get(st.current_run or "")
+        tokens = ((run.result if run else None) or {}).get("tokensTrained")
+        if isinstance(tokens, (int, float)):
+            m.tokens.labels(backend).inc(tokens)
+        if st.metrics is not None:
+            m.eval_metrics(job.metadata.namespace or "", job.metadata.name,
+                           st.metrics.model_dump(by_alias=True, exclude_none=True))
+    elif reason == "RunFailed":
+        m.runs_failed.labels(backend, bounded_reason(st.error.reason if st.error else "")).inc()
+        if duration is not None:
+            m.run_duration.labels(backend, "failed").observe(duration)
+    elif reason == "AttemptFailed":
+        m.retries.labels(backend, bounded_reason(st.error.reason if st.error else "")).inc()
+    elif reason == "Promoted":
+        m.promotions.labels("promoted").inc()
+    elif reason == "NotPromoted":
+        m.promotions.labels("rejected").inc()
+
+
+def cleanup_job(ctx: Context, namespace: str, name: str, uid: Optional[str], backend: str) -> None:
+    """Finalizer: remove every child of the job (whatever backend it used) and forget it."""
+    key = ("FineTuneJob", namespace, name)
+
+    def _cleanup() -> None:
+        ctx.kuberay.cleanup(namespace, name, uid)
+        ctx.local.cleanup(namespace, name)
+
+    ctx.queue.run_exclusive(key, _cleanup)
+    ctx.job_gone(namespace, name, uid or name)
+    logger.info("cleaned up FineTuneJob %s/%s (backend %s)", namespace, name, backend)

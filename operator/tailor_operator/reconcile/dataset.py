@@ -1,0 +1,180 @@
+"""reconcile_dataset(dataset, observed, settings, now) -> DatasetPlan: revision and validation, pure.
+
+The revision is `spec.revision`, else the content fingerprint the operator observed, else (for
+sources the operator cannot read, e.g. a PVC or S3 without credentials in the operator) the one
+the validation itself reports, re-validated every `refreshInterval`. Each (spec, revision) pair is
+validated once, by a child named `<dataset>-v<hash>`: a new revision or spec means a new
+validation, and the previous result stays in status (Ready) until the new one is in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Optional
+
+from tailor_operator.api.v1alpha1 import (
+    Backend,
+    Dataset,
+    DatasetStatus,
+    RowError,
+    SplitCounts,
+)
+from tailor_operator.builders.inspect_job import build_inspect_config_map, build_inspect_job
+from tailor_operator.builders.labels import ANNOTATION_BACKEND
+from tailor_operator.builders.naming import validation_name
+from tailor_operator.reconcile.conditions import FALSE, TRUE, UNKNOWN, get_condition, set_condition
+from tailor_operator.reconcile.observe import ValidationObservation
+from tailor_operator.reconcile.plan import DatasetPlan, DeleteValidation, Event, StartValidation, sooner
+from tailor_operator.reconcile.settings import OperatorSettings
+from tailor_trainer.config import ResolvedDataset
+
+_DURATION = re.compile(r"([0-9]+)(s|m|h)")
+
+
+def duration_seconds(text: Optional[str]) -> Optional[float]:
+    """'1h30m' -> 5400.0; None for unset."""
+    if not text:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    return float(sum(int(n) * units[u] for n, u in _DURATION.findall(text)))
+
+
+def dataset_backend(dataset: Dataset, settings: OperatorSettings) -> Backend:
+    """The Dataset's `tailor.dev/backend` annotation, else the operator's setting."""
+    value = (dataset.metadata.annotations or {}).get(ANNOTATION_BACKEND)
+    try:
+        return Backend(value) if value else settings.dataset_backend
+    except ValueError:
+        return settings.dataset_backend
+
+
+def validation_key(dataset: Dataset, fingerprint: Optional[str], now: datetime) -> str:
+    """Name of the validation for the current spec and revision (deterministic)."""
+    spec = dataset.spec.model_dump(by_alias=True, mode="json", exclude={"refresh_interval"})
+    basis: dict[str, Any] = {"spec": spec, "revision": dataset.spec.revision or fingerprint}
+    if basis["revision"] is None:
+        interval = duration_seconds(dataset.spec.refresh_interval)
+        basis["epoch"] = int(now.timestamp() // interval) if interval else 0
+    digest = hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
+    return validation_name(dataset.metadata.name, digest)
+
+
+def resolved_dataset(dataset: Dataset, fingerprint: Optional[str], inline_data: Optional[str]) -> ResolvedDataset:
+    fields = dataset.spec.model_dump(exclude={"revision", "refresh_interval"})
+    return ResolvedDataset(**fields, name=dataset.metadata.name, revision=dataset.spec.revision or fingerprint,
+                           inline_data=inline_data)
+
+
+@dataclass(frozen=True)
+class DatasetObserved:
+    fingerprint: Optional[str] = None
+    """Content fingerprint the operator computed; None when it cannot read the source."""
+    validation: Optional[ValidationObservation] = None
+    """The validation for validation_key(...)."""
+    other_validations: tuple[str, ...] = ()
+    """Keys of older validations that still exist."""
+    inline_data: Optional[str] = None
+    source_error: Optional[tuple[str, str]] = None
+    """(reason, message) when the source cannot be read at all, e.g. its ConfigMap is missing."""
+
+
+def reconcile_dataset(dataset: Dataset, observed: DatasetObserved, settings: OperatorSettings,
+                      now: datetime) -> DatasetPlan:
+    old = dataset.status or DatasetStatus()
+    st = old.model_copy(deep=True)
+    plan = DatasetPlan(status=st)
+    generation = dataset.metadata.generation
+    interval = duration_seconds(dataset.spec.refresh_interval)
+    if interval:
+        epoch_end = (int(now.timestamp() // interval) + 1) * interval
+        plan.requeue_after = max(epoch_end - now.timestamp(), 1.0)
+
+    if observed.source_error is not None:
+        reason, message = observed.source_error
+        _not_ready(st, plan, reason, message, now, generation)
+        plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds * 3)
+        return _stamp(old, plan, now)
+
+    key = validation_key(dataset, observed.fingerprint, now)
+    revision = dataset.spec.revision or observed.fingerprint
+    v = observed.validation
+    if v is None or not v.exists or not v.finished:
+        if v is None or not v.exists:
+            children: tuple[dict[str, Any], ...] = ()
+            resolved = resolved_dataset(dataset, observed.fingerprint, observed.inline_data)
+            if dataset_backend(dataset, settings) is Backend.kuberay:
+                children = (build_inspect_config_map(dataset, key, resolved),
+                            build_inspect_job(dataset, key, settings.inspect_options()))
+            plan.actions.append(StartValidation(key=key, dataset=resolved, children=children))
+            what = f"revision {revision}" if revision else "the source"
+            plan.events.append(Event("Normal", "Validating", f"validating {what} ({key})"))
+        message = f"validation {key} is running" + (f" for revision {revision}" if revision else "")
+        st.conditions = set_condition(st.conditions, "Validating", TRUE, "Validating", message, now, generation)
+        if get_condition(st.conditions, "Ready") is None:
+            st.conditions = set_condition(st.conditions, "Ready", UNKNOWN, "Validating", message, now, generation)
+        plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
+        return _stamp(old, plan, now)
+
+    for other in observed.other_validations:
+        plan.actions.append(DeleteValidation(other))
+    st.observed_generation = generation
+    if v.failure:
+        _not_ready(st, plan, "ValidationFailed", v.failure, now, generation)
+        return _stamp(old, plan, now)
+    _fold_result(dataset, st, plan, v.result or {}, revision, now)
+    return _stamp(old, plan, now)
+
+
+def _not_ready(st: DatasetStatus, plan: DatasetPlan, reason: str, message: str, now: datetime,
+               generation: Optional[int]) -> None:
+    ready = get_condition(st.conditions, "Ready")
+    if ready is None or ready.reason != reason or ready.status is not FALSE:
+        plan.events.append(Event("Warning", reason, message))
+    st.conditions = set_condition(st.conditions, "Ready", FALSE, reason, message, now, generation)
+    st.conditions = set_condition(st.conditions, "Validating", FALSE, reason, message, now, generation)
+
+
+def _fold_result(dataset: Dataset, st: DatasetStatus, plan: DatasetPlan, result: dict[str, Any],
+                 revision: Optional[str], now: datetime) -> None:
+    generation = dataset.metadata.generation
+    new_revision = revision or result.get("revision")
+    previous = st.revision
+    st.revision = new_revision
+    st.rows = result.get("rows")
+    st.rows_read = result.get("rowsRead")
+    splits = result.get("splits")
+    st.splits = SplitCounts.model_validate(splits) if isinstance(splits, dict) else None
+    st.dropped = {str(k): int(v) for k, v in (result.get("dropped") or {}).items() if isinstance(v, int)}
+    st.first_errors = [RowError.model_validate(e) for e in (result.get("firstErrors") or [])[:20]]
+    st.tokens = {str(k): float(v) for k, v in (result.get("tokens") or {}).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    ready = next((c for c in result.get("conditions") or [] if c.get("type") == "Ready"), None)
+    ready_ok = bool(ready) and ready.get("status") == "True"
+    reason = (ready or {}).get("reason") or ("Validated" if ready_ok else "ValidationFailed")
+    message = (ready or {}).get("message") or ""
+    if ready_ok:
+        summary = f"revision {new_revision}: {st.rows or 0} rows"
+        if st.splits:
+            summary += f" (train {st.splits.train}, validation {st.splits.validation}, test {st.splits.test})"
+        dropped = sum(st.dropped.values())
+        if dropped:
+            summary += f", {dropped} dropped"
+        old_ready = get_condition(st.conditions, "Ready")
+        if old_ready is None or old_ready.status is not TRUE or previous != new_revision:
+            kind = "RevisionChanged" if previous and previous != new_revision else "Validated"
+            plan.events.append(Event("Normal", kind, summary))
+        st.conditions = set_condition(st.conditions, "Ready", TRUE, reason, message or summary, now, generation)
+        st.conditions = set_condition(st.conditions, "Validating", FALSE, "Validated", summary, now, generation)
+    else:
+        _not_ready(st, plan, reason, message or "validation failed", now, generation)
+
+
+def _stamp(old: DatasetStatus, plan: DatasetPlan, now: datetime) -> DatasetPlan:
+    """lastUpdated moves only when something else changed (so an idle Dataset is never written)."""
+    if plan.status.model_dump(exclude={"last_updated"}) != old.model_dump(exclude={"last_updated"}):
+        plan.status.last_updated = now
+    return plan

@@ -1,0 +1,516 @@
+"""reconcile_finetunejob(job, observed, settings, now) -> JobPlan: every FineTuneJob decision, pure.
+
+Level-based: the same inputs always give the same plan, and applying a plan twice is harmless
+(children are created-or-adopted by deterministic name). The status is the operator's memory:
+`runCount`/`currentRun`/`attempts` say which run and attempt should exist; `completionTime` set
+means the current run is over; the `Retrying` condition's transition time dates a backoff.
+
+Spec changes while a run is active: lifecycle fields (suspend, backoffLimit, activeDeadlineSeconds,
+ttlSecondsAfterFinished, continuousLearning) apply at once; the run itself continues with the
+config it started with. `observedGeneration` is the generation the current run started from (or
+the latest one the operator had nothing to do for); a Failed job whose spec changed since
+(`generation != observedGeneration`) starts a new run, and continuous learning applies the new spec
+to its next run. See docs/operator.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Optional
+
+from tailor_operator.api.v1alpha1 import (
+    Artifacts,
+    Backend,
+    ChampionStatus,
+    Dataset,
+    EvalMetrics,
+    FineTuneJob,
+    FineTuneJobStatus,
+    HistoryEntry,
+    JobError,
+    Phase,
+    Progress,
+    Promotion,
+)
+from tailor_operator.builders.configmaps import build_config_map, build_progress_config_map
+from tailor_operator.builders.naming import run_name
+from tailor_operator.builders.rayjob import build_rayjob
+from tailor_operator.builders.trainer_config import build_trainer_config, run_output_uri
+from tailor_operator.reconcile.conditions import FALSE, TRUE, UNKNOWN, get_condition, is_true, set_condition
+from tailor_operator.reconcile.cron import next_fire
+from tailor_operator.reconcile.observe import RunObservation, RunState
+from tailor_operator.reconcile.plan import (
+    ApplyPromotion,
+    DeleteRun,
+    Event,
+    JobPlan,
+    StartRun,
+    StopRun,
+    sooner,
+)
+from tailor_operator.reconcile.promotion import decide, metric_values
+from tailor_operator.reconcile.semantic import check_target_modules
+from tailor_operator.reconcile.settings import OperatorSettings
+from tailor_trainer.config import ChampionRef
+
+# A retry cannot fix these: the same config fails the same way.
+NON_RETRYABLE = frozenset({"InvalidSpec", "DataInvalid", "GateFailed", "Diverged", "DeadlineExceeded",
+                           "UnknownTargetModules"})
+# Pod problems that hold a run back (shown in error while queued).
+WAITING_PROBLEMS = frozenset({"Unschedulable", "ImagePullBackOff", "CreateContainerConfigError",
+                              "CrashLoopBackOff", "OOMKilled", "ReplicaFailure"})
+DEFAULT_HISTORY = 10
+_STAGES = ("prep", "adapt", "train", "evaluate")
+
+
+@dataclass(frozen=True)
+class JobObserved:
+    """Everything the reconcile needs to know about the world around one FineTuneJob."""
+
+    dataset: Optional[Dataset] = None
+    """The referenced Dataset; None when it does not exist."""
+    runs: dict[str, RunObservation] = field(default_factory=dict)
+    """Runs that have child objects (RayJob or local process), by run name."""
+    inline_data: Optional[str] = None
+    """Contents of the Dataset's configMapRef source, when it has one."""
+    model_config: Optional[dict[str, Any]] = None
+    """The base model's config.json when the operator can read it (local paths)."""
+    local_slots: Optional[int] = None
+    """Free local-run slots (local backend); None when not limited."""
+    target_model_uri: Optional[str] = None
+    """What the promotion target points at now (None when missing or unset)."""
+
+
+def reconcile_finetunejob(job: FineTuneJob, observed: JobObserved, settings: OperatorSettings,
+                          now: datetime) -> JobPlan:
+    st = (job.status or FineTuneJobStatus()).model_copy(deep=True)
+    plan = JobPlan(status=st)
+    _adopt(job, st, observed, plan)
+    _dataset_condition(job, st, observed.dataset, plan, now)
+    run_active = st.current_run is not None and st.completion_time is None
+    obs = observed.runs.get(st.current_run) if st.current_run else None
+
+    if job.spec.suspend:
+        _suspend(job, st, obs, run_active, plan, now)
+    else:
+        if is_true(st.conditions, "Suspended"):
+            st.conditions = set_condition(st.conditions, "Suspended", FALSE, "Resumed",
+                                          "spec.suspend is false", now)
+            plan.events.append(Event("Normal", "Resumed", "resumed" + (
+                f"; run {st.current_run} continues from its last checkpoint" if run_active else "")))
+            if run_active:
+                st.start_time = now  # like a Job, the deadline restarts on resume
+        if run_active:
+            _drive_run(job, st, obs, observed, settings, now, plan)
+        else:
+            _maybe_start_run(job, st, observed, settings, now, plan)
+    _expire_finished(job, st, observed, now, plan)
+    _promotion_target(job, st, observed, plan)
+    plan.status = st
+    return plan
+
+
+# ----------------------------------------------------------------------------------- pieces
+
+
+def _adopt(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObserved, plan: JobPlan) -> None:
+    """A run newer than the status knows: the operator died between creating it and writing status."""
+    newer = [o for o in observed.runs.values() if o.exists and o.number > st.run_count]
+    if not newer:
+        return
+    o = max(newer, key=lambda r: r.number)
+    st.run_count = o.number
+    st.current_run = o.run
+    st.attempts = o.attempt
+    st.dataset_revision = o.dataset_revision
+    st.start_time = o.created_at or st.start_time
+    st.completion_time = None
+    st.stage, st.progress, st.metrics, st.artifacts, st.error = None, None, None, None, None
+    st.observed_generation = job.metadata.generation
+    st.phase = Phase.queued
+    plan.events.append(Event("Normal", "Adopted", f"found run {o.run} (attempt {o.attempt}) created before "
+                                                   "a restart; adopting it instead of creating another"))
+
+
+def _dataset_condition(job: FineTuneJob, st: FineTuneJobStatus, dataset: Optional[Dataset], plan: JobPlan,
+                       now: datetime) -> None:
+    name = job.spec.dataset_ref.name
+    if dataset is None:
+        status, reason = FALSE, "DatasetNotFound"
+        message = f'Dataset "{name}" not found in namespace {job.metadata.namespace or "default"}'
+    else:
+        ready = get_condition((dataset.status.conditions if dataset.status else []), "Ready")
+        if ready is not None and ready.status is TRUE and dataset.status and dataset.status.revision:
+            status, reason = TRUE, "Validated"
+            splits = dataset.status.splits
+            counts = f" (train {splits.train}, validation {splits.validation}, test {splits.test})" if splits else ""
+            message = f"revision {dataset.status.revision}: {dataset.status.rows or 0} rows{counts}"
+        elif ready is None or ready.status is UNKNOWN:
+            status, reason = FALSE, "Validating"
+            message = f'waiting for Dataset "{name}" to be validated'
+        else:
+            status, reason = FALSE, ready.reason or "DatasetNotReady"
+            message = f'Dataset "{name}" is not Ready: {ready.message}'
+    old = get_condition(st.conditions, "DataValidated")
+    if old is None or old.reason != reason:
+        if status is FALSE and reason != "Validating":
+            plan.events.append(Event("Warning", reason, message))
+        elif status is TRUE and old is not None:
+            plan.events.append(Event("Normal", "DataValidated", message))
+    st.conditions = set_condition(st.conditions, "DataValidated", status, reason, message, now,
+                                  job.metadata.generation)
+
+
+def _dataset_ready(st: FineTuneJobStatus) -> bool:
+    return is_true(st.conditions, "DataValidated")
+
+
+def _suspend(job: FineTuneJob, st: FineTuneJobStatus, obs: Optional[RunObservation], run_active: bool,
+             plan: JobPlan, now: datetime) -> None:
+    if run_active and obs is not None and obs.exists and not obs.terminating:
+        plan.actions.append(StopRun(st.current_run or "", "Suspended"))
+    message = "spec.suspend is true; nothing runs until it is unset"
+    if run_active:
+        message = f"spec.suspend is true; run {st.current_run} stopped, its checkpoints are kept"
+        st.conditions = set_condition(st.conditions, "Running", FALSE, "Suspended", message, now)
+    if not is_true(st.conditions, "Suspended"):
+        plan.events.append(Event("Normal", "Suspended", message))
+    st.conditions = set_condition(st.conditions, "Suspended", TRUE, "Suspended", message, now)
+    if run_active or st.current_run is None or job.spec.continuous_learning is not None:
+        st.phase = Phase.suspended
+
+
+def _drive_run(job: FineTuneJob, st: FineTuneJobStatus, obs: Optional[RunObservation], observed: JobObserved,
+               settings: OperatorSettings, now: datetime, plan: JobPlan) -> None:
+    spec = job.spec
+    run = st.current_run or ""
+    attempt = max(st.attempts, 1)
+    retrying = get_condition(st.conditions, "Retrying")
+    backing_off = retrying is not None and retrying.status is TRUE
+
+    deadline = spec.active_deadline_seconds
+    if deadline and st.start_time and not (obs is not None and obs.state.is_finished):
+        left = (st.start_time + timedelta(seconds=deadline) - now).total_seconds()
+        if left <= 0:
+            if obs is not None and obs.exists and not obs.terminating:
+                plan.actions.append(StopRun(run, "DeadlineExceeded"))
+            _finish(job, st, None, settings, now, plan, succeeded=False, reason="DeadlineExceeded",
+                    message=f"run {run} was active longer than activeDeadlineSeconds={deadline}")
+            return
+        plan.requeue_after = sooner(plan.requeue_after, left)
+
+    if obs is None or not obs.exists:
+        if backing_off and retrying is not None and retrying.last_transition_time is not None:
+            retry_at = retrying.last_transition_time + timedelta(seconds=settings.backoff_seconds(attempt - 1))
+            if now < retry_at:
+                st.phase = Phase.pending
+                plan.requeue_after = sooner(plan.requeue_after, (retry_at - now).total_seconds())
+                return
+        if not _start(job, st, run, attempt, observed, settings, now, plan):
+            return
+        if backing_off:
+            st.conditions = set_condition(st.conditions, "Retrying", FALSE, "Retried",
+                                          f"attempt {attempt} started", now)
+            plan.events.append(Event("Normal", "Retrying", f"starting attempt {attempt} of run {run} "
+                                                           "(resumes from its last checkpoint)"))
+        return
+
+    if obs.terminating or obs.attempt != attempt:
+        # An earlier attempt (or a stopped run) is still going away; recreate once it is gone.
+        if not obs.terminating:
+            plan.actions.append(StopRun(run, "StaleAttempt"))
+        if backing_off:
+            st.phase = Phase.pending
+        plan.requeue_after = sooner(plan.requeue_after, 2.0)
+        return
+
+    if obs.state is RunState.pending:
+        st.phase = Phase.queued
+        old = get_condition(st.conditions, "Running")
+        if obs.reason in WAITING_PROBLEMS:
+            st.error = JobError(reason=obs.reason, message=obs.message[:4096])
+            if old is None or old.reason != obs.reason:
+                plan.events.append(Event("Warning", obs.reason, obs.message))
+        else:
+            st.error = None
+        if not (obs.reason == "Starting" and old is not None and old.reason == "Starting"):
+            st.conditions = set_condition(st.conditions, "Running", FALSE, obs.reason, obs.message, now)
+        plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
+    elif obs.state is RunState.running:
+        _fold_progress(st, obs.progress)
+        st.phase = Phase.evaluating if st.stage == "evaluate" else Phase.running
+        st.error = None
+        # Stable per stage (progress lives in status.progress), so progress alone stays rate-limited.
+        where = f"stage {st.stage}" if st.stage else "started"
+        if not is_true(st.conditions, "Running"):
+            plan.events.append(Event("Normal", "Running", f"run {run} attempt {attempt} is running"))
+        st.conditions = set_condition(st.conditions, "Running", TRUE, "Running",
+                                      f"run {run} attempt {attempt}: {where}", now)
+        plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
+    elif obs.state is RunState.succeeded:
+        _finish(job, st, obs, settings, now, plan, succeeded=True, reason="Succeeded", message=obs.message)
+    elif obs.state is RunState.failed:
+        if obs.reason not in NON_RETRYABLE and attempt <= spec.backoff_limit:
+            delay = settings.backoff_seconds(attempt)
+            st.attempts = attempt + 1
+            st.phase = Phase.pending
+            st.error = JobError(reason=obs.reason[:253], message=f"attempt {attempt}: {obs.message}"[:4096])
+            message = (f"attempt {attempt} of {spec.backoff_limit + 1} failed ({obs.reason}: {obs.message}); "
+                       f"attempt {attempt + 1} starts in {delay:g}s from the last checkpoint")
+            st.conditions = set_condition(st.conditions, "Running", FALSE, obs.reason, obs.message, now)
+            st.conditions = set_condition(st.conditions, "Retrying", TRUE, "BackingOff", message, now)
+            plan.actions.append(StopRun(run, "Retry"))
+            plan.events.append(Event("Warning", "AttemptFailed", message))
+            plan.requeue_after = sooner(plan.requeue_after, delay)
+        else:
+            _finish(job, st, obs, settings, now, plan, succeeded=False, reason=obs.reason, message=obs.message)
+
+
+def _start(job: FineTuneJob, st: FineTuneJobStatus, run: str, attempt: int, observed: JobObserved,
+           settings: OperatorSettings, now: datetime, plan: JobPlan) -> bool:
+    """Plan the creation of the run's children for `attempt`; False when it cannot start yet."""
+    dataset = observed.dataset
+    if dataset is None:
+        st.phase = Phase.pending
+        return False
+    if job.spec.backend is Backend.local and observed.local_slots is not None and observed.local_slots <= 0:
+        st.phase = Phase.queued
+        st.conditions = set_condition(st.conditions, "Running", FALSE, "WaitingForLocalSlot",
+                                      f"all {settings.local_max_concurrent} local run slot(s) are busy", now)
+        plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
+        return False
+    champion = None
+    if st.champion is not None and st.champion.model:
+        champion = ChampionRef(run=st.champion.run, model_uri=st.champion.model, metrics=st.champion.metrics)
+    config = build_trainer_config(job, dataset, run, attempt=attempt, dataset_revision=st.dataset_revision,
+                                  inline_data=observed.inline_data, champion=champion)
+    children: tuple[dict[str, Any], ...] = ()
+    if job.spec.backend is Backend.kuberay:
+        rayjob = build_rayjob(job, dataset, run, number=st.run_count, attempt=attempt,
+                              dataset_revision=st.dataset_revision, config_hash=config.config_hash(),
+                              options=settings.rayjob_options())
+        children = (build_config_map(job, run, config), build_progress_config_map(job, run), rayjob)
+    plan.actions.append(StartRun(run=run, attempt=attempt, config=config, number=st.run_count, children=children))
+    st.phase = Phase.queued
+    st.conditions = set_condition(st.conditions, "Running", FALSE, "Starting",
+                                  f"run {run} attempt {attempt} created; waiting for it to start", now)
+    plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
+    return True
+
+
+def _start_reason(job: FineTuneJob, st: FineTuneJobStatus, dataset: Optional[Dataset],
+                  now: datetime) -> tuple[Optional[str], Optional[float]]:
+    """Why a new run should start now (None: it should not), and when to look again."""
+    if st.run_count == 0:
+        return "FirstRun", None
+    if st.phase is Phase.failed and job.metadata.generation != st.observed_generation:
+        return "SpecChanged", None
+    cl = job.spec.continuous_learning
+    if cl is None:
+        return None, None
+    revision = dataset.status.revision if dataset is not None and dataset.status else None
+    if cl.trigger.on_dataset_revision and revision and revision != st.dataset_revision and _dataset_ready(st):
+        return "DatasetRevision", None
+    if cl.trigger.schedule:
+        fire = next_fire(cl.trigger.schedule, st.start_time or now)
+        if now >= fire:
+            return "Schedule", None
+        return None, (fire - now).total_seconds()
+    return None, None
+
+
+def _maybe_start_run(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObserved,
+                     settings: OperatorSettings, now: datetime, plan: JobPlan) -> None:
+    why, later = _start_reason(job, st, observed.dataset, now)
+    plan.requeue_after = sooner(plan.requeue_after, later)
+    generation = job.metadata.generation
+    if why is None:
+        st.observed_generation = generation  # nothing to do for this spec until the next trigger
+        return
+    first = st.run_count == 0
+    if not _dataset_ready(st):
+        dv = get_condition(st.conditions, "DataValidated")
+        if first:
+            st.phase = Phase.pending if dv is None or dv.reason == "DatasetNotFound" else Phase.validating
+            waiting = dv is not None and dv.reason in ("Validating",)
+            st.error = None if waiting or dv is None else JobError(
+                reason=dv.reason, message=dv.message, field="spec.datasetRef.name")
+        return
+    problem = check_target_modules(job, observed.model_config)
+    if problem is not None:
+        if st.error is None or st.error.reason != problem.reason or st.phase is not Phase.failed:
+            plan.events.append(Event("Warning", problem.reason, problem.message))
+        st.phase = Phase.failed
+        st.error = JobError(reason=problem.reason, message=problem.message, field=problem.field)
+        st.conditions = set_condition(st.conditions, "Failed", TRUE, problem.reason, problem.message, now)
+        st.observed_generation = generation
+        return
+    if job.spec.backend is Backend.local and observed.local_slots is not None and observed.local_slots <= 0:
+        st.phase = Phase.queued
+        st.conditions = set_condition(st.conditions, "Running", FALSE, "WaitingForLocalSlot",
+                                      f"all {settings.local_max_concurrent} local run slot(s) are busy", now)
+        plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
+        return
+    number = st.run_count + 1
+    run = run_name(job.metadata.name, number)
+    dataset = observed.dataset
+    st.run_count = number
+    st.current_run = run
+    st.attempts = 1
+    st.dataset_revision = dataset.status.revision if dataset is not None and dataset.status else None
+    st.start_time = now
+    st.completion_time = None
+    st.stage, st.progress, st.metrics, st.artifacts, st.error = None, None, None, None, None
+    st.observed_generation = generation
+    st.conditions = [c for c in st.conditions if c.type not in ("Failed", "Retrying", "Evaluated")]
+    _start(job, st, run, 1, observed, settings, now, plan)
+    revision = f" on dataset revision {st.dataset_revision}" if st.dataset_revision else ""
+    plan.events.append(Event("Normal", "RunStarted", f"starting run {run}{revision} ({why})"))
+
+
+def _fold_progress(st: FineTuneJobStatus, doc: Optional[dict[str, Any]]) -> None:
+    if not doc:
+        return
+    stage = doc.get("stage")
+    if stage in _STAGES:
+        st.stage = stage
+    step, total = doc.get("step"), doc.get("totalSteps")
+    previous = st.progress or Progress()
+    if not isinstance(total, int) and previous.total_steps:
+        # the evaluate stage reports no training steps: keep the last known ones
+        step, total = previous.step, previous.total_steps
+    percent = None
+    if isinstance(step, int) and isinstance(total, int) and total > 0:
+        percent = max(0, min(100, int(step * 100 / total)))
+    if percent is not None and st.stage in ("train", "evaluate"):
+        summary = f"{percent}% {step}/{total}"
+        if st.stage == "evaluate":
+            summary = f"evaluate {summary}"
+    else:
+        summary = st.stage
+    st.progress = Progress(
+        summary=summary,
+        percent=percent,
+        step=step if isinstance(step, int) else None,
+        total_steps=total if isinstance(total, int) else None,
+        epoch=_num(doc.get("epoch")),
+        loss=_num(doc.get("loss")),
+        tokens_per_second=_num(doc.get("tokensPerSecond")),
+        eta_seconds=int(doc["etaSeconds"]) if isinstance(doc.get("etaSeconds"), (int, float)) else None,
+    )
+
+
+def _num(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+_METRIC_KEYS = {f.alias or name for name, f in EvalMetrics.model_fields.items()}
+_ARTIFACT_KEYS = {f.alias or name for name, f in Artifacts.model_fields.items()}
+
+
+def _finish(job: FineTuneJob, st: FineTuneJobStatus, obs: Optional[RunObservation], settings: OperatorSettings,
+            now: datetime, plan: JobPlan, *, succeeded: bool, reason: str, message: str) -> None:
+    run = st.current_run or ""
+    result = (obs.result if obs is not None else None) or {}
+    metrics = metric_values(result.get("metrics") or {})
+    st.completion_time = now
+    if result:
+        shown = {k: v for k, v in metrics.items() if k in _METRIC_KEYS}
+        st.metrics = EvalMetrics.model_validate(shown) if shown else st.metrics
+        artifacts = {k: v for k, v in (result.get("artifacts") or {}).items() if k in _ARTIFACT_KEYS and v}
+        artifacts.setdefault("result", f"{run_output_uri(job, run)}/evaluate/result.json")
+        st.artifacts = Artifacts.model_validate(artifacts)
+    cl = job.spec.continuous_learning
+    entry = HistoryEntry(run=run, phase=Phase.succeeded if succeeded else Phase.failed,
+                         dataset_revision=st.dataset_revision, metrics=metrics, completion_time=now)
+    if succeeded:
+        st.phase = Phase.succeeded
+        st.error = None
+        if st.progress and st.progress.total_steps:
+            st.progress = st.progress.model_copy(update={
+                "percent": 100, "step": st.progress.total_steps, "eta_seconds": 0,
+                "summary": f"100% {st.progress.total_steps}/{st.progress.total_steps}"})
+        st.stage = "evaluate" if result else st.stage
+        st.conditions = set_condition(st.conditions, "Running", FALSE, "Succeeded", f"run {run} succeeded", now)
+        st.conditions = set_condition(st.conditions, "Failed", FALSE, "Succeeded", "", now)
+        st.conditions = set_condition(st.conditions, "Evaluated", TRUE if metrics else FALSE,
+                                      "Evaluated" if metrics else "NoMetrics", _metrics_line(metrics), now)
+        plan.events.append(Event("Normal", "RunSucceeded", f"run {run} succeeded: {_metrics_line(metrics)}"))
+        policy = cl.promotion if cl is not None else Promotion()
+        decision = decide(policy, metrics, st.champion, (result.get("champion") or {}).get("metrics"))
+        entry.promoted = decision.promote
+        entry.reason = decision.reason
+        if decision.promote:
+            model = (st.artifacts.model if st.artifacts else None) or f"{run_output_uri(job, run)}/train/model"
+            st.champion = ChampionStatus(run=run, dataset_revision=st.dataset_revision, model=model,
+                                         metrics=metrics, promoted_at=now)
+            st.conditions = set_condition(st.conditions, "Promoted", TRUE, decision.reason,
+                                          f"run {run} is the champion: {decision.message}", now)
+            plan.events.append(Event("Normal", "Promoted", f"run {run} promoted: {decision.message}"))
+        else:
+            keep = f"champion {st.champion.run} stays" if st.champion else "no champion"
+            st.conditions = set_condition(st.conditions, "Promoted", FALSE, decision.reason,
+                                          f"run {run} not promoted ({decision.message}); {keep}", now)
+            plan.events.append(Event("Normal", "NotPromoted", f"run {run} not promoted: {decision.message}"))
+    else:
+        field_name = (obs.error or {}).get("field") if obs is not None else None
+        attempts = max(st.attempts, 1)
+        st.phase = Phase.failed
+        st.error = JobError(reason=reason[:253], message=f"after {attempts} attempt(s): {message}"[:4096],
+                            field=str(field_name)[:253] if field_name else None)
+        text = f"run {run} failed after {attempts} attempt(s): {reason}: {message}"
+        st.conditions = set_condition(st.conditions, "Running", FALSE, reason, message, now)
+        if get_condition(st.conditions, "Retrying") is not None:
+            st.conditions = set_condition(st.conditions, "Retrying", FALSE, "BackoffLimitReached", text, now)
+        st.conditions = set_condition(st.conditions, "Failed", TRUE, reason, text, now)
+        if reason == "GateFailed":
+            st.conditions = set_condition(st.conditions, "Evaluated", FALSE, "GateFailed", message, now)
+        entry.reason = reason
+        if st.champion is not None:
+            text += f"; champion {st.champion.run} stays"
+        plan.events.append(Event("Warning", "RunFailed", text))
+    limit = cl.history_limit if cl is not None else DEFAULT_HISTORY
+    st.history = ([h for h in st.history if h.run != run] + [entry])[-limit:]
+
+
+def _metrics_line(metrics: dict[str, float]) -> str:
+    parts = []
+    for key in ("loss", "perplexity", "accuracy", "exactMatch"):
+        if key in metrics:
+            base = metrics.get("base" + key[0].upper() + key[1:])
+            parts.append(f"{key} {metrics[key]:.4g}" + (f" (base {base:.4g})" if base is not None else ""))
+    return ", ".join(parts) or "no metrics reported"
+
+
+def _expire_finished(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObserved, now: datetime,
+                     plan: JobPlan) -> None:
+    """ttlSecondsAfterFinished: remove the children of finished runs (status and artifacts stay)."""
+    ttl = job.spec.ttl_seconds_after_finished
+    if ttl is None:
+        return
+    finished = {h.run: h.completion_time for h in st.history}
+    if st.current_run and st.completion_time:
+        finished[st.current_run] = st.completion_time
+    stopping = {a.run for a in plan.actions if isinstance(a, (StopRun, StartRun))}
+    for name, o in sorted(observed.runs.items()):
+        at = finished.get(name)
+        if not o.exists or o.terminating or at is None or name in stopping:
+            continue
+        if name == st.current_run and st.completion_time is None:
+            continue
+        left = (at + timedelta(seconds=ttl) - now).total_seconds()
+        if left <= 0:
+            plan.actions.append(DeleteRun(name))
+        else:
+            plan.requeue_after = sooner(plan.requeue_after, left)
+
+
+def _promotion_target(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObserved, plan: JobPlan) -> None:
+    """Level-based rollout: the target always points at the champion (repaired if edited)."""
+    cl = job.spec.continuous_learning
+    target = cl.promotion.target if cl is not None else None
+    if target is None or st.champion is None or not st.champion.model:
+        return
+    if observed.target_model_uri != st.champion.model:
+        plan.actions.append(ApplyPromotion(run=st.champion.run, model_uri=st.champion.model, target=target))

@@ -1,0 +1,286 @@
+"""Pure folding of what the cluster (or the local process table) shows into one run state.
+
+KubeRay reports a RayJob through two fields that move independently (`jobDeploymentStatus`,
+`jobStatus`) and can sit in `Initializing` while its pods cannot be scheduled; the trainer
+reports stage/step/result through its progress document. These functions turn both, plus the
+RayCluster's pods, into a :class:`RunObservation` the reconcile reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Any, Optional
+
+from tailor_operator.api.v1alpha1 import Phase
+from tailor_operator.builders.labels import ANNOTATION_ATTEMPT, ANNOTATION_REVISION, ANNOTATION_RUN_NUMBER
+
+
+class RunState(str, Enum):
+    """Where one run is; each state knows its FineTuneJob phase and whether it is over."""
+
+    missing = "Missing"
+    """No child object: never created, or deleted."""
+    pending = "Pending"
+    """Created; waiting for resources (RayCluster starting, Kueue, scheduling)."""
+    running = "Running"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (RunState.succeeded, RunState.failed)
+
+    @property
+    def phase(self) -> Phase:
+        return {
+            RunState.missing: Phase.pending,
+            RunState.pending: Phase.queued,
+            RunState.running: Phase.running,
+            RunState.succeeded: Phase.succeeded,
+            RunState.failed: Phase.failed,
+        }[self]
+
+
+@dataclass(frozen=True)
+class PodProblem:
+    """A pod-level reason a run cannot make progress (or failed)."""
+
+    reason: str  # Unschedulable | ImagePullBackOff | OOMKilled | CrashLoopBackOff | CreateContainerConfigError
+    message: str
+    pod: str
+
+
+@dataclass(frozen=True)
+class RunObservation:
+    """One run as observed, whichever backend runs it."""
+
+    run: str
+    number: int = 0
+    attempt: int = 1
+    state: RunState = RunState.missing
+    terminating: bool = False
+    reason: str = ""
+    message: str = ""
+    progress: Optional[dict[str, Any]] = None
+    """The trainer's progress document for this attempt (stale attempts are dropped)."""
+    result: Optional[dict[str, Any]] = None
+    error: Optional[dict[str, Any]] = None
+    dataset_revision: Optional[str] = None
+    created_at: Optional[datetime] = None
+
+    @property
+    def exists(self) -> bool:
+        return self.state is not RunState.missing
+
+
+@dataclass(frozen=True)
+class ValidationObservation:
+    """One Dataset validation (inspect Job + result ConfigMap, or a subprocess)."""
+
+    key: str
+    exists: bool = False
+    finished: bool = False
+    result: Optional[dict[str, Any]] = None
+    """The Dataset status JSON that `python -m tailor_trainer inspect` wrote."""
+    failure: Optional[str] = None
+    """Why the validation itself broke (no result): job failed, process crashed."""
+
+
+# Pod problems, worst first: the first found decides the reason shown.
+_WAITING_REASONS = {
+    "ErrImagePull": "ImagePullBackOff",
+    "ImagePullBackOff": "ImagePullBackOff",
+    "InvalidImageName": "ImagePullBackOff",
+    "CreateContainerConfigError": "CreateContainerConfigError",
+    "CrashLoopBackOff": "CrashLoopBackOff",
+}
+_PRIORITY = ["OOMKilled", "ImagePullBackOff", "CreateContainerConfigError", "Unschedulable", "CrashLoopBackOff"]
+
+
+def _pod_problems(pod: dict[str, Any]) -> list[PodProblem]:
+    name = (pod.get("metadata") or {}).get("name", "?")
+    status = pod.get("status") or {}
+    found: list[PodProblem] = []
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
+                and cond.get("reason") == "Unschedulable":
+            found.append(PodProblem("Unschedulable", cond.get("message") or "pod cannot be scheduled", name))
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        container = cs.get("name", "?")
+        for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+            terminated = state.get("terminated") or {}
+            if terminated.get("reason") == "OOMKilled":
+                found.append(PodProblem(
+                    "OOMKilled", f"container {container} of pod {name} was OOMKilled (exit code "
+                    f"{terminated.get('exitCode', 137)}); raise resources.memoryPerWorker", name))
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = _WAITING_REASONS.get(waiting.get("reason", ""))
+        if reason:
+            found.append(PodProblem(reason, f"container {container} of pod {name}: {waiting.get('reason')}: "
+                                    f"{waiting.get('message') or ''}".rstrip(": "), name))
+    return found
+
+
+def pod_problem(pods: list[dict[str, Any]]) -> Optional[PodProblem]:
+    """The most telling problem among a run's pods, or None."""
+    problems = [p for pod in pods for p in _pod_problems(pod)]
+    if not problems:
+        return None
+    problems.sort(key=lambda p: (_PRIORITY.index(p.reason), p.pod))
+    return problems[0]
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _parse_time(value: Any) -> Optional[datetime]:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def progress_for_attempt(doc: Optional[dict[str, Any]], attempt: int) -> Optional[dict[str, Any]]:
+    """Drop a progress document left over from an earlier attempt of the same run."""
+    if not isinstance(doc, dict):
+        return None
+    doc_attempt = doc.get("attempt")
+    if doc_attempt is not None and _int(doc_attempt, attempt) != attempt:
+        return None
+    return doc
+
+
+def observe_rayjob(rayjob: dict[str, Any], progress: Optional[dict[str, Any]] = None,
+                   pods: Optional[list[dict[str, Any]]] = None) -> RunObservation:
+    """Fold a RayJob (ray.io/v1), the run's progress document and its pods into one observation."""
+    meta = rayjob.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    attempt = _int(annotations.get(ANNOTATION_ATTEMPT), 1)
+    doc = progress_for_attempt(progress, attempt)
+    status = rayjob.get("status") or {}
+    spec = rayjob.get("spec") or {}
+    deployment = status.get("jobDeploymentStatus") or ""
+    job_status = status.get("jobStatus") or ""
+    problem = pod_problem(pods or [])
+    base = dict(
+        run=meta.get("name", ""),
+        number=_int(annotations.get(ANNOTATION_RUN_NUMBER), 0),
+        attempt=attempt,
+        terminating=bool(meta.get("deletionTimestamp")),
+        progress=doc,
+        dataset_revision=annotations.get(ANNOTATION_REVISION),
+        created_at=_parse_time(meta.get("creationTimestamp")),
+    )
+    trainer_error = (doc or {}).get("error") or None
+    result = (doc or {}).get("result") or None
+
+    if deployment == "Complete" and job_status == "SUCCEEDED":
+        return RunObservation(**base, state=RunState.succeeded, reason="Succeeded",
+                              message=status.get("message") or "Ray job succeeded", result=result)
+    if deployment in ("Failed", "ValidationFailed") or (
+            deployment == "Complete" and job_status in ("FAILED", "STOPPED")):
+        reason, message = _failure(status, trainer_error, problem)
+        return RunObservation(**base, state=RunState.failed, reason=reason, message=message,
+                              error=trainer_error, result=result)
+    if deployment == "Running" and (job_status == "RUNNING" or doc is not None):
+        return RunObservation(**base, state=RunState.running, reason="Running",
+                              message=status.get("message") or "")
+    # Still coming up: say why, rather than KubeRay's bare "Initializing".
+    if problem is not None:
+        return RunObservation(**base, state=RunState.pending, reason=problem.reason, message=problem.message)
+    cluster_failure = _cluster_failure(status)
+    if cluster_failure is not None:
+        return RunObservation(**base, state=RunState.pending, reason="ReplicaFailure", message=cluster_failure)
+    if deployment in ("Suspended", "Suspending") or spec.get("suspend"):
+        return RunObservation(**base, state=RunState.pending, reason="QueuedByKueue",
+                              message="RayJob is suspended until its queue admits it")
+    if deployment == "Running":
+        return RunObservation(**base, state=RunState.pending, reason="Submitted",
+                              message="RayCluster is up; the Ray job is pending")
+    if not deployment:
+        return RunObservation(**base, state=RunState.pending, reason="Starting",
+                              message="waiting for KubeRay to take the RayJob")
+    return RunObservation(**base, state=RunState.pending, reason="Initializing",
+                          message=status.get("message") or "waiting for the RayCluster to start")
+
+
+def _cluster_failure(status: dict[str, Any]) -> Optional[str]:
+    """KubeRay's RayCluster condition ReplicaFailure (e.g. pods rejected by quota or admission)."""
+    for cond in ((status.get("rayClusterStatus") or {}).get("conditions")) or []:
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            return f"RayCluster cannot create its pods: {cond.get('reason', '')}: {cond.get('message', '')}".strip()
+    return None
+
+
+def _failure(status: dict[str, Any], trainer_error: Optional[dict[str, Any]],
+             problem: Optional[PodProblem]) -> tuple[str, str]:
+    """Best reason for a failed RayJob: the trainer's own, then KubeRay's deadline, then the pods."""
+    if trainer_error and trainer_error.get("reason"):
+        return str(trainer_error["reason"]), str(trainer_error.get("message") or "")
+    if status.get("reason") == "DeadlineExceeded":
+        return "DeadlineExceeded", status.get("message") or "activeDeadlineSeconds exceeded"
+    if problem is not None and problem.reason in ("OOMKilled", "ImagePullBackOff", "CreateContainerConfigError"):
+        return problem.reason, problem.message
+    reason = status.get("reason") or "RayJobFailed"
+    message = status.get("message") or f"RayJob {status.get('jobDeploymentStatus')}/{status.get('jobStatus')}"
+    return str(reason), str(message)
+
+
+def observe_local_run(run: str, *, number: int, attempt: int, running: bool, exit_code: Optional[int],
+                      progress: Optional[dict[str, Any]], log_tail: str = "",
+                      dataset_revision: Optional[str] = None) -> RunObservation:
+    """Fold a local trainer subprocess (running flag, exit code if known) and its progress file."""
+    doc = progress_for_attempt(progress, attempt)
+    base = dict(run=run, number=number, attempt=attempt, progress=doc, dataset_revision=dataset_revision)
+    state = (doc or {}).get("state")
+    if running:
+        return RunObservation(**base, state=RunState.running, reason="Running", message="trainer process running")
+    trainer_error = (doc or {}).get("error") or None
+    result = (doc or {}).get("result") or None
+    if exit_code == 0 or (exit_code is None and state == "Succeeded"):
+        return RunObservation(**base, state=RunState.succeeded, reason="Succeeded",
+                              message="trainer exited 0", result=result)
+    if trainer_error and trainer_error.get("reason"):
+        return RunObservation(**base, state=RunState.failed, reason=str(trainer_error["reason"]),
+                              message=str(trainer_error.get("message") or ""), error=trainer_error)
+    if exit_code is None:
+        reason, message = "TrainerLost", "the trainer process is gone and left no result"
+    elif exit_code < 0:
+        reason, message = "TrainerKilled", f"trainer killed by signal {-exit_code}"
+    else:
+        reason, message = "TrainerExited", f"trainer exited with code {exit_code}"
+    if log_tail:
+        message = f"{message}: {log_tail.strip().splitlines()[-1][:300]}"
+    return RunObservation(**base, state=RunState.failed, reason=reason, message=message)
+
+
+def observe_inspect(key: str, *, config_map: Optional[dict[str, Any]], job: Optional[dict[str, Any]],
+                    result_key: str = "status.json") -> ValidationObservation:
+    """Fold a validation Job and its result ConfigMap (the pod writes the status JSON there)."""
+    import json
+
+    if config_map is None and job is None:
+        return ValidationObservation(key=key)
+    raw = ((config_map or {}).get("data") or {}).get(result_key)
+    if raw:
+        try:
+            return ValidationObservation(key=key, exists=True, finished=True, result=json.loads(raw))
+        except json.JSONDecodeError as e:
+            return ValidationObservation(key=key, exists=True, finished=True,
+                                         failure=f"validation result is not JSON: {e}")
+    for cond in ((job or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Failed" and cond.get("status") == "True":
+            return ValidationObservation(key=key, exists=True, finished=True,
+                                         failure=f"validation Job failed: {cond.get('reason', '')} "
+                                         f"{cond.get('message', '')}".strip())
+    if job is None:
+        return ValidationObservation(key=key)  # the Job is gone and left no result: start again
+    return ValidationObservation(key=key, exists=True)

@@ -1,0 +1,222 @@
+"""Helpers for the operator's integration tests: run the operator as a real process (so it can be
+SIGKILLed), apply objects, and play KubeRay/the trainer by writing RayJob status and progress
+documents through the real API (there is no kubelet: pods never run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+GROUP, VERSION = "tailor.dev", "v1alpha1"
+
+# Fast settings for tests (production defaults are minutes, not seconds).
+FAST_ENV = {
+    "TAILOR_ACTIVE_POLL_SECONDS": "1",
+    "TAILOR_STATUS_MIN_INTERVAL_SECONDS": "1",
+    "TAILOR_BACKOFF_BASE_SECONDS": "1",
+    "TAILOR_BACKOFF_MAX_SECONDS": "4",
+    "TAILOR_RESYNC_SECONDS": "15",
+    "TAILOR_WORKERS": "4",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2, what: str = "condition",
+               on_timeout: Optional[Callable[[], str]] = None) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(interval)
+    extra = f"\n{on_timeout()}" if on_timeout else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r}){extra}")
+
+
+class OperatorProcess:
+    """`python -m tailor_operator.runner` against the test control plane."""
+
+    def __init__(self, kubeconfig: Path, workdir: Path, env: Optional[dict[str, str]] = None,
+                 namespaces: Optional[list[str]] = None, log: Optional[Path] = None) -> None:
+        self.kubeconfig = kubeconfig
+        self.workdir = workdir
+        self.extra_env = dict(env or {})
+        self.namespaces = namespaces
+        self.log_path = log or workdir / "operator.log"
+        self.metrics_port = free_port()
+        self.health_port = free_port()
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self, wait: bool = True) -> "OperatorProcess":
+        env = dict(os.environ)
+        env.update(FAST_ENV)
+        env.update({"KUBECONFIG": str(self.kubeconfig), "TAILOR_WORKDIR": str(self.workdir / "runs"),
+                    "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer"),
+                                                   env.get("PYTHONPATH", "")])})
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        env.update(self.extra_env)
+        args = [sys.executable, "-m", "tailor_operator.runner", f"--metrics-port={self.metrics_port}",
+                f"--health-port={self.health_port}"]
+        args += [f"--namespace={n}" for n in self.namespaces] if self.namespaces else ["--all-namespaces"]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
+                                        start_new_session=True)
+        log.close()
+        if wait:
+            wait_until(self.healthy, 60, what="operator /healthz", on_timeout=self.log_tail)
+        return self
+
+    def healthy(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            raise AssertionError(f"operator exited ({self.process and self.process.returncode}):\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no graceful shutdown (the crash the operator must survive)."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, lines: int = 80) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "----- operator log -----\n" + "\n".join(text)
+
+    def __enter__(self) -> "OperatorProcess":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class Kube:
+    """Small typed helpers over the API for one namespace (via tailor_operator.cluster)."""
+
+    def __init__(self, api_client: Any, namespace: str) -> None:
+        from tailor_operator.cluster import Cluster
+
+        self.cluster = Cluster(api_client)
+        self.ns = namespace
+
+    # objects
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        obj = json.loads(json.dumps(obj))
+        obj.setdefault("metadata", {})["namespace"] = self.ns
+        return self.cluster.create(obj)
+
+    def get(self, kind: str, name: str) -> Optional[dict[str, Any]]:
+        return self.cluster.get(kind, self.ns, name)
+
+    def list(self, kind: str, labels: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
+        return self.cluster.list(kind, self.ns, labels)
+
+    def patch(self, kind: str, name: str, patch: dict[str, Any], sub: Optional[str] = None) -> dict[str, Any]:
+        return self.cluster.merge_patch(kind, self.ns, name, patch, sub)
+
+    def delete(self, kind: str, name: str) -> bool:
+        return self.cluster.delete(kind, self.ns, name)
+
+    def status(self, kind: str, name: str) -> dict[str, Any]:
+        return (self.get(kind, name) or {}).get("status") or {}
+
+    def condition(self, kind: str, name: str, type_: str) -> dict[str, Any]:
+        return next((c for c in self.status(kind, name).get("conditions", []) if c["type"] == type_), {})
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        items = [e for e in self.cluster.list("Event", self.ns) if (e.get("involvedObject") or {}).get("name") == name]
+        return sorted(items, key=lambda e: int(e["metadata"].get("resourceVersion") or 0))  # creation order
+
+    def event_reasons(self, name: str) -> list[str]:
+        return [e["reason"] for e in self.events(name)]
+
+    # playing KubeRay and the trainer
+    def set_rayjob_status(self, name: str, deployment: str, job_status: str = "", **extra: Any) -> None:
+        status = {"jobDeploymentStatus": deployment, "jobStatus": job_status, **extra}
+        self.patch("RayJob", name, {"status": status}, sub="status")
+
+    def write_progress(self, run: str, doc: dict[str, Any]) -> None:
+        self.patch("ConfigMap", f"{run}-progress", {"data": {"progress.json": json.dumps(doc)}})
+
+    def publish_validation(self, dataset: str, result: dict[str, Any], timeout: float = 30) -> str:
+        """Play the validation pod: put status.json into the operator's inspect ConfigMap."""
+        cm = wait_until(lambda: next(iter(self.list("ConfigMap", {"tailor.dev/dataset": dataset,
+                                                                   "app.kubernetes.io/name": "tailor-inspect"})), None),
+                        timeout, what=f"validation ConfigMap of {dataset}")
+        self.patch("ConfigMap", cm["metadata"]["name"], {"data": {"status.json": json.dumps(result)}})
+        return cm["metadata"]["name"]
+
+
+def ready_result(revision: str = "sha256:0123456789abcdef", rows: int = 1000) -> dict[str, Any]:
+    """What `python -m tailor_trainer inspect` prints for a good Dataset."""
+    return {"revision": revision, "rows": rows, "rowsRead": rows + 12,
+            "splits": {"train": int(rows * 0.8), "validation": rows // 10, "test": rows // 10},
+            "dropped": {"duplicate": 10, "tooShort": 2}, "firstErrors": [],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Validated", "message": f"{rows} rows"}]}
+
+
+def dataset_manifest(name: str = "tickets", **spec: Any) -> dict[str, Any]:
+    body = {"source": {"uri": "s3://acme/tickets.jsonl"}, "format": "jsonl", "schema": "instruction"}
+    body.update(spec)
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Dataset", "metadata": {"name": name}, "spec": body}
+
+
+def job_manifest(name: str = "support", dataset: str = "tickets", **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "backend": "kuberay",
+        "baseModel": {"uri": "hf://acme/tiny-llama"},
+        "datasetRef": {"name": dataset},
+        "hyperparameters": {"maxSteps": 300},
+        "resources": {"workers": 2, "gpusPerWorker": 1, "cpusPerWorker": "4", "memoryPerWorker": "16Gi"},
+        "output": {"uri": "s3://acme/runs"},
+        "backoffLimit": 0,
+    }
+    body.update(spec)
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
+
+
+def result_doc(run: str, loss: float, **metrics: float) -> dict[str, Any]:
+    return {"run": run, "attempt": 1, "stage": "evaluate", "state": "Succeeded", "step": 300, "totalSteps": 300,
+            "result": {"run": run, "metrics": {"loss": loss, "baseLoss": 2.5, **metrics},
+                       "artifacts": {"model": f"s3://acme/runs/support/{run}/train/model",
+                                     "report": f"s3://acme/runs/support/{run}/evaluate/report.html"},
+                       "tokensTrained": 1000}}
+
+
+def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]

@@ -1,0 +1,148 @@
+"""The Helm chart (charts/tailor): one named test per behaviour, rendered with the real helm, then
+installed on the control plane; the operator then runs under exactly the identity and RBAC the
+chart grants (ServiceAccount tailor-system/tailor) through a kuberay run."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from operator_fixtures import REPO, Kube, OperatorProcess, dataset_manifest, job_manifest, ready_result, wait_until
+
+pytestmark = pytest.mark.integration
+
+CHART = REPO / "charts" / "tailor"
+RELEASE_NS = "tailor-system"
+
+
+def _render(cp, *args: str) -> list[dict]:
+    r = cp.helm("template", "tailor", str(CHART), "-n", RELEASE_NS, *args, check=True)
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+def _find(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def test_chart_lints_clean(control_plane) -> None:
+    r = control_plane.helm("lint", str(CHART), "--strict")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_default_install_is_cluster_wide_with_probes_and_metrics(control_plane) -> None:
+    docs = _render(control_plane)
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
+                                         "Service", "ConfigMap"}
+    deploy = _find(docs, "Deployment")[0]
+    pod = deploy["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["command"] == ["python", "-m", "tailor_operator.runner"]
+    assert "--all-namespaces" in c["args"] and "--metrics-port=8080" in c["args"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["TAILOR_TRAINER_IMAGE"] == "ghcr.io/tailor-dev/tailor-trainer:0.1.0"
+    assert env["TAILOR_DATASET_BACKEND"] == "kuberay"
+    assert pod["serviceAccountName"] == "tailor" and deploy["spec"]["replicas"] == 1
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert deploy["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "8080"
+    svc = _find(docs, "Service")[0]
+    assert svc["spec"]["ports"][0]["name"] == "metrics"
+    rules = _find(docs, "ClusterRole")[0]["rules"]
+    assert any("rayjobs" in r["resources"] and "create" in r["verbs"] for r in rules)
+    assert any("finetunejobs/status" in r["resources"] for r in rules)
+
+
+def test_watch_namespaces_use_roles_instead_of_cluster_rules(control_plane) -> None:
+    docs = _render(control_plane, "--set", "watchNamespaces={team-a,team-b}")
+    roles = _find(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in _find(docs, "RoleBinding")) == ["team-a", "team-b"]
+    cluster_rules = [r for cr in _find(docs, "ClusterRole") for r in cr["rules"]]
+    assert all("finetunejobs" not in r["resources"] for r in cluster_rules)
+    args = _find(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
+
+
+def test_trainer_service_account_per_namespace(control_plane) -> None:
+    docs = _render(control_plane, "--set", "trainer.serviceAccount.namespaces={ml}")
+    sa = _find(docs, "ServiceAccount", "tailor-trainer")
+    assert [s["metadata"]["namespace"] for s in sa] == ["ml"]
+    role = _find(docs, "Role", "tailor-trainer")[0]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                              "verbs": ["get", "create", "update", "patch"]}]
+
+
+def test_service_monitor_is_opt_in(control_plane) -> None:
+    assert not _find(_render(control_plane), "ServiceMonitor")
+    docs = _render(control_plane, "--set", "metrics.serviceMonitor.enabled=true",
+                   "--set", "metrics.serviceMonitor.labels.release=prometheus")
+    sm = _find(docs, "ServiceMonitor")[0]
+    assert sm["metadata"]["labels"]["release"] == "prometheus"
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+
+
+def test_values_schema_rejects_bad_values(control_plane) -> None:
+    for bad in ("operator.datasetBackend=gpu", "operator.workers=0", "trainer.headMemory=lots", "unknownKey=1"):
+        r = control_plane.helm("template", "tailor", str(CHART), "--set", bad)
+        assert r.returncode != 0 and "schema" in (r.stderr + r.stdout).lower(), (bad, r.stderr)
+
+
+def test_dashboard_is_valid_and_queries_documented_metrics(control_plane) -> None:
+    cm = _find(_render(control_plane), "ConfigMap", "tailor-dashboard")[0]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["tailor.json"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"tailor_[a-z_]+", e)}
+    documented = set(re.findall(r"^\| `(tailor_[a-z_]+)`", (REPO / "docs/operator.md").read_text(), re.M))
+    assert used and used <= documented, used - documented
+    assert len(dashboard["panels"]) >= 10
+
+
+def test_chart_crds_are_the_generated_ones() -> None:
+    for path in (REPO / "crds").glob("*.yaml"):
+        assert (CHART / "crds" / path.name).read_text() == path.read_text(), path.name
+
+
+@pytest.fixture
+def installed(control_plane, namespace):
+    r = control_plane.helm("install", "tailor", str(CHART), "-n", RELEASE_NS, "--create-namespace", "--skip-crds",
+                           "--set", f"trainer.serviceAccount.namespaces={{{namespace}}}")
+    assert r.returncode == 0, r.stderr
+    yield control_plane
+    control_plane.helm("uninstall", "tailor", "-n", RELEASE_NS, "--wait", "--timeout", "60s")
+
+
+def test_operator_runs_with_exactly_the_charts_rbac(installed, k8s_client, namespace, tmp_path) -> None:
+    """Install the chart, then run the operator as system:serviceaccount:tailor-system:tailor (the
+    chart's ServiceAccount): validation Job, RayJob, status, events and the finalizer all work."""
+    cp = installed
+    assert cp.kubectl("get", "deployment", "tailor", "-n", RELEASE_NS).returncode == 0
+    assert cp.kubectl("get", "serviceaccount", "tailor-trainer", "-n", namespace).returncode == 0
+    cp.stop_kuberay()
+    kube = Kube(k8s_client, namespace)
+    operator = OperatorProcess(cp.kubeconfigs["tailor"], tmp_path / "op",
+                               env={"TAILOR_TRAINER_SERVICE_ACCOUNT": "tailor-trainer"}).start()
+    try:
+        kube.apply(dataset_manifest("tickets"))
+        job = wait_until(lambda: next(iter(kube.list("Job", {"tailor.dev/dataset": "tickets"})), None), 30,
+                         what="validation Job", on_timeout=operator.log_tail)
+        assert job["spec"]["template"]["spec"]["serviceAccountName"] == "tailor-trainer"
+        kube.publish_validation("tickets", ready_result())
+        wait_until(lambda: kube.condition("Dataset", "tickets", "Ready").get("status") == "True", 30,
+                   what="Ready", on_timeout=operator.log_tail)
+        kube.apply(job_manifest("rbac"))
+        wait_until(lambda: kube.get("RayJob", "rbac-r1"), 30, what="RayJob", on_timeout=operator.log_tail)
+        kube.set_rayjob_status("rbac-r1", "Running", "RUNNING")
+        wait_until(lambda: kube.status("FineTuneJob", "rbac").get("phase") == "Running", 30, what="Running",
+                   on_timeout=operator.log_tail)
+        assert "RunStarted" in kube.event_reasons("rbac")
+        kube.delete("FineTuneJob", "rbac")
+        wait_until(lambda: kube.get("FineTuneJob", "rbac") is None and kube.get("RayJob", "rbac-r1") is None, 30,
+                   what="finalizer cleanup", on_timeout=operator.log_tail)
+        assert "Forbidden" not in Path(operator.log_path).read_text()
+    finally:
+        operator.stop()

@@ -1,0 +1,147 @@
+"""Golden manifests from the pure builders: tests/data/{rayjob,inspect,promotion}-<case>/.
+
+`rayjob-*`: input {job, dataset, run, number, attempt, datasetRevision, options} -> the run's
+children (config ConfigMap, progress ConfigMap, RayJob). `inspect-*`: a Dataset -> validation
+ConfigMap + Job. `promotion-*`: a rollout target -> ConfigMap body / InferenceService patch.
+The integration suite applies the RayJob golden to the real KubeRay CRD.
+
+Regenerate with `TAILOR_UPDATE_GOLDENS=1 pytest tests/unit/test_builders.py` and review the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tailor_operator.api.v1alpha1 import Dataset, FineTuneJob, RolloutTarget
+from tailor_operator.builders.configmaps import build_config_map, build_progress_config_map
+from tailor_operator.builders.inspect_job import InspectJobOptions, build_inspect_config_map, build_inspect_job
+from tailor_operator.builders.naming import run_name, safe_name
+from tailor_operator.builders.promotion import build_inference_service_patch, build_target_config_map
+from tailor_operator.builders.rayjob import RayJobOptions, build_rayjob
+from tailor_operator.builders.trainer_config import build_trainer_config
+from tailor_operator.reconcile.dataset import resolved_dataset, validation_key
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+UPDATE = os.environ.get("TAILOR_UPDATE_GOLDENS") == "1"
+
+
+def _cases(prefix: str) -> list[Path]:
+    return sorted(p for p in DATA.glob(f"{prefix}-*") if (p / "input.yaml").is_file())
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (config.json, scripts) as literal blocks, so goldens read like kubectl."""
+
+
+_Dumper.add_representer(str, lambda d, s: d.represent_scalar(
+    "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
+def _check(case: Path, got: Any) -> None:
+    path = case / "expected.yaml"
+    if UPDATE or not path.exists():
+        docs = got if isinstance(got, list) else [got]
+        path.write_text(yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, width=110))
+        if not UPDATE:
+            pytest.fail(f"wrote missing {path}; review it and rerun")
+    expected = list(yaml.safe_load_all(path.read_text()))
+    assert (got if isinstance(got, list) else [got]) == expected
+
+
+def run_children(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    job = FineTuneJob.model_validate(doc["job"])
+    dataset = Dataset.model_validate(doc["dataset"])
+    run, attempt = doc["run"], doc.get("attempt", 1)
+    config = build_trainer_config(job, dataset, run, attempt=attempt, dataset_revision=doc.get("datasetRevision"))
+    rayjob = build_rayjob(job, dataset, run, number=doc.get("number", 1), attempt=attempt,
+                          dataset_revision=doc.get("datasetRevision"), config_hash=config.config_hash(),
+                          options=RayJobOptions(**(doc.get("options") or {})))
+    return [build_config_map(job, run, config), build_progress_config_map(job, run), rayjob]
+
+
+@pytest.mark.parametrize("case", _cases("rayjob"), ids=lambda p: p.name)
+def test_rayjob_golden(case: Path) -> None:
+    _check(case, run_children(yaml.safe_load((case / "input.yaml").read_text())))
+
+
+@pytest.mark.parametrize("case", _cases("inspect"), ids=lambda p: p.name)
+def test_inspect_job_golden(case: Path) -> None:
+    from datetime import datetime
+
+    doc = yaml.safe_load((case / "input.yaml").read_text())
+    dataset = Dataset.model_validate(doc["dataset"])
+    now = datetime.fromisoformat(doc["now"].replace("Z", "+00:00"))
+    key = validation_key(dataset, doc.get("fingerprint"), now)
+    resolved = resolved_dataset(dataset, doc.get("fingerprint"), doc.get("inlineData"))
+    _check(case, [build_inspect_config_map(dataset, key, resolved),
+                  build_inspect_job(dataset, key, InspectJobOptions(**(doc.get("options") or {})))])
+
+
+@pytest.mark.parametrize("case", _cases("promotion"), ids=lambda p: p.name)
+def test_promotion_golden(case: Path) -> None:
+    doc = yaml.safe_load((case / "input.yaml").read_text())
+    job = FineTuneJob.model_validate(doc["job"])
+    target = RolloutTarget.model_validate(doc["target"])
+    if target.config_map is not None:
+        got = build_target_config_map(job, target, doc["run"], doc["modelUri"])
+    else:
+        got = build_inference_service_patch(doc["run"], doc["modelUri"])
+    _check(case, got)
+
+
+# ------------------------------------------------------------------------------ properties
+
+
+def _gpu_case() -> dict[str, Any]:
+    return yaml.safe_load((DATA / "rayjob-gpu-workers" / "input.yaml").read_text())
+
+
+def test_rayjob_references_secrets_but_never_copies_values() -> None:
+    doc = _gpu_case()
+    children = run_children(doc)
+    text = json.dumps(children)
+    rayjob = children[-1]
+    worker = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    names = {v["secret"]["secretName"] for v in worker["volumes"] if "secret" in v}
+    assert names == {"hf-token", "s3-credentials"}
+    assert {e["secretRef"]["name"] for e in worker["containers"][0]["envFrom"]} == names
+    assert "stringData" not in text and '"data": {"AWS' not in text
+
+
+def test_rayjob_labels_owner_and_kueue() -> None:
+    rayjob = run_children(_gpu_case())[-1]
+    meta = rayjob["metadata"]
+    assert meta["labels"]["app.kubernetes.io/managed-by"] == "tailor"
+    assert meta["labels"]["tailor.dev/finetunejob"] == "support-llama"
+    assert meta["labels"]["tailor.dev/run"] == "support-llama-r1"
+    assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "team-ml"
+    owner = meta["ownerReferences"][0]
+    assert owner["kind"] == "FineTuneJob" and owner["controller"] is True
+    spec = rayjob["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] == 0
+    assert spec["entrypoint"] == "python -m tailor_trainer run --config /etc/tailor/config.json"
+    workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 4
+    limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+
+
+def test_build_is_deterministic() -> None:
+    assert run_children(_gpu_case()) == run_children(_gpu_case())
+
+
+@pytest.mark.parametrize("length", [20, 44, 45, 60, 200])
+def test_run_names_are_length_safe_and_distinct(length: int) -> None:
+    job = "j" * length
+    names = {run_name(job, n) for n in range(1, 30)}
+    assert len(names) == 29
+    for name in names:
+        assert len(name) <= 47
+        assert safe_name(name, "-progress").endswith("-progress")
+        assert len(safe_name(name, "-progress")) <= 63
