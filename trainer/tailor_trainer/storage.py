@@ -1,0 +1,205 @@
+"""Where bytes live: URIs -> fsspec filesystems, atomic JSON writes, and model directories.
+
+Every stage reaches its inputs and its run directory through :func:`resolve`, so local paths,
+``file://``, ``pvc://claim/path`` (mounted at ``/mnt/pvc/claim/path`` in pods, or under
+``$TAILOR_PVC_ROOT``) and ``s3://`` (s3fs; credentials from ``AWS_*`` in the environment, which
+the operator fills from the referenced Secret) look the same to the caller. (http(s) data
+sources are read with urllib in ``tailor_trainer.data.sources``: no aiohttp needed.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import fsspec
+
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+
+
+class StorageError(Exception):
+    """A URI that cannot be used: bad form, missing credentials, unreachable."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: the filesystem and the path on it (``bucket/key`` for s3)."""
+
+    fs: Any
+    path: str
+    protocol: str  # "file" or "s3"
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol == "file"
+
+    def join(self, *parts: str) -> "Location":
+        sep_join = os.path.join if self.is_local else posixpath.join
+        return Location(self.fs, sep_join(self.path, *parts), self.protocol)
+
+    def uri(self) -> str:
+        """The location as a URI again (for manifests and logs)."""
+        if self.protocol == "s3":
+            return f"s3://{self.path}"
+        return self.path
+
+
+def pvc_root() -> str:
+    return os.environ.get("TAILOR_PVC_ROOT", DEFAULT_PVC_ROOT)
+
+
+def local_path(uri: str) -> Optional[str]:
+    """The local path of a path, file:// or pvc:// URI; None for remote URIs."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):] or "/"
+    if uri.startswith("pvc://"):
+        rest = uri[len("pvc://"):]
+        if not rest or rest.startswith("/"):
+            raise StorageError(f"pvc URI {uri!r} must be pvc://<claim>/<path>")
+        return os.path.join(pvc_root(), rest)
+    if "://" in uri:
+        return None
+    return uri
+
+
+def s3_options(env: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """s3fs keyword arguments from the standard AWS_* variables (the Secret's keys)."""
+    env = os.environ if env is None else env
+    opts: dict[str, Any] = {}
+    key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    if key or secret:
+        opts["key"], opts["secret"] = key, secret
+    if env.get("AWS_SESSION_TOKEN"):
+        opts["token"] = env["AWS_SESSION_TOKEN"]
+    client_kwargs: dict[str, Any] = {}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    return opts
+
+
+def resolve(uri: str) -> Location:
+    """Turn a data/model/output URI into a filesystem and a path."""
+    path = local_path(uri)
+    if path is not None:
+        return Location(fsspec.filesystem("file"), os.path.abspath(path), "file")
+    if uri.startswith("s3://"):
+        # Fresh instance: credentials may differ between calls (tests, several Secrets).
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_options())
+        return Location(fs, uri[len("s3://"):].rstrip("/"), "s3")
+    raise StorageError(f"unsupported URI scheme in {uri!r}")
+
+
+def write_bytes_atomic(loc: Location, data: bytes) -> None:
+    """Write a file so that readers see the old content or the new, never a torn file."""
+    if loc.is_local:
+        os.makedirs(os.path.dirname(loc.path) or ".", exist_ok=True)
+        tmp = f"{loc.path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, loc.path)
+        return
+    # Object stores: a single PUT is already all-or-nothing.
+    with loc.fs.open(loc.path, "wb") as f:
+        f.write(data)
+
+
+def write_json_atomic(loc: Location | str, obj: Any) -> None:
+    """Atomic JSON write (temp + rename locally; one PUT on object stores)."""
+    if isinstance(loc, str):
+        loc = resolve(loc)
+    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
+    write_bytes_atomic(loc, data)
+
+
+def read_json(loc: Location | str) -> Optional[Any]:
+    """The parsed JSON at ``loc``, or None when it does not exist or is not valid JSON."""
+    if isinstance(loc, str):
+        loc = resolve(loc)
+    try:
+        with loc.fs.open(loc.path, "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def makedirs(loc: Location) -> None:
+    if loc.is_local:
+        os.makedirs(loc.path, exist_ok=True)
+    # Object stores have no directories.
+
+
+# ---------------------------------------------------------------------------------------------
+# Model directories
+
+
+def model_cache_root() -> Path:
+    return Path(os.environ.get("TAILOR_MODEL_CACHE", os.path.expanduser("~/.cache/tailor/models")))
+
+
+def _hf_snapshot_download(repo_id: str, revision: Optional[str], token: Optional[str]) -> str:
+    """Seam for tests: the only call that would reach the Hugging Face hub."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id=repo_id, revision=revision, token=token)
+
+
+hf_snapshot_download: Callable[[str, Optional[str], Optional[str]], str] = _hf_snapshot_download
+
+
+def resolve_model_dir(uri: str, revision: Optional[str] = None) -> str:
+    """A local directory holding the model (or tokenizer) at ``uri``.
+
+    Local paths, file:// and pvc:// are used as they are; s3:// prefixes are downloaded once into
+    a cache directory keyed by the URI; hf://org/name goes through huggingface_hub (HF_TOKEN from
+    the environment).
+    """
+    path = local_path(uri)
+    if path is not None:
+        if not os.path.isdir(path):
+            raise StorageError(f"model directory {uri!r} does not exist")
+        return os.path.abspath(path)
+    if uri.startswith("hf://"):
+        repo_id = uri[len("hf://"):].strip("/")
+        if repo_id.count("/") > 1 or not repo_id:
+            raise StorageError(f"hf URI {uri!r} must be hf://<org>/<name>")
+        return hf_snapshot_download(repo_id, revision, os.environ.get("HF_TOKEN"))
+    if uri.startswith("s3://"):
+        loc = resolve(uri)
+        key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+        dest = model_cache_root() / key
+        done = dest / ".tailor-complete"
+        if done.exists():
+            return str(dest)
+        tmp = dest.with_name(f"{key}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        found = loc.fs.find(loc.path)
+        if not found:
+            raise StorageError(f"no files under {uri!r}")
+        for remote in found:
+            rel = posixpath.relpath(remote, loc.path)
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            loc.fs.get_file(remote, str(target))
+        (tmp / ".tailor-complete").write_text(uri)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process finished first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        return str(dest)
+    raise StorageError(f"unsupported model URI {uri!r}")
