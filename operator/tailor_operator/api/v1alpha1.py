@@ -138,8 +138,8 @@ class DatasetStatus(CamelModel):
     splits: Optional[SplitCounts] = None
     """Rows per split."""
     dropped: dict[str, int] = Field(default_factory=dict)
-    """Rows dropped, by reason (e.g. empty, duplicate, nearDuplicate, tooShort, tooLong,
-    malformed, evalOverlap)."""
+    """Rows dropped, by reason: empty, tooShort, tooLong, duplicate, nearDuplicate, evalOverlap,
+    overlong, and malformed rows as badJson, badCsv, invalidUtf8, wrongType, missingField."""
     first_errors: list[RowError] = Field(default_factory=list, max_length=20)
     """The first malformed rows, with line numbers."""
     tokens: dict[str, float] = Field(default_factory=dict)

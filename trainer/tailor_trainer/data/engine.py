@@ -153,12 +153,18 @@ class _Emitter:
         self.writers[split].add(row)
         self.r.sequences[split] += 1
 
-    def close(self) -> None:
-        for (split, _), packer in sorted(self.packers.items()):
-            for row in packer.flush():
+    def finish(self, split: str) -> None:
+        """No more rows for ``split``: flush its packers and close its file (frees its buffers)."""
+        for key in sorted(k for k in self.packers if k[0] == split):
+            for row in self.packers.pop(key).flush():
                 self._write(split, row)
-        for w in self.writers.values():
-            w.close()
+        writer = self.writers.pop(split, None)
+        if writer is not None:
+            writer.close()
+
+    def close(self) -> None:
+        for split in SPLITS:
+            self.finish(split)
 
 
 def prepare(ds: ResolvedDataset, opts: PrepOptions) -> PrepResult:
@@ -237,6 +243,7 @@ def _run(ds: ResolvedDataset, opts: PrepOptions, r: PrepResult, staging: str) ->
         if len(pending) >= opts.batch_rows or pending_chars >= opts.batch_chars:
             flush()
     flush()
+    emitter.finish("train")
     for w in held.values():
         w.close()
 
@@ -250,6 +257,7 @@ def _run(ds: ResolvedDataset, opts: PrepOptions, r: PrepResult, staging: str) ->
                 continue
             emitter.emit(split, row["id"], row["fold"], row["input_ids"], row["labels"],
                          row["prompt"], row["reference"])
+        emitter.finish(split)
     emitter.close()
     r.fingerprint = fp.hexdigest()
     _check(ds, r, mapper)
