@@ -73,13 +73,16 @@ def plain_loop(cfg, rows: list[dict], threads: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=hp.learning_rate)
     sched = get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=hp.max_steps)
-    g = torch.Generator().manual_seed(1)
-    order = torch.randperm(len(rows), generator=g).tolist()
+    # The very batches the stage draws (its seeded per-epoch permutation), so padding is equal.
+    from tailor_trainer.batches import epoch_order
+
+    order = [i for epoch in range(hp.max_steps * hp.batch_size // len(rows) + 1)
+             for i in epoch_order(len(rows), epoch, hp.seed, 1, 0)]
     pad = model.config.pad_token_id or 0
     tokens, step, i = 0, 0, 0
     start, cpu = time.perf_counter(), time.process_time()
     while step < hp.max_steps:
-        batch = [rows[order[(i + k) % len(rows)]] for k in range(hp.batch_size)]
+        batch = [rows[order[i + k]] for k in range(hp.batch_size)]
         i += hp.batch_size
         n = max(len(r["input_ids"]) for r in batch)
         ids = torch.tensor([r["input_ids"] + [pad] * (n - len(r["input_ids"])) for r in batch])
