@@ -244,8 +244,8 @@ def main() -> int:
                 print(f"{size:<6}{method:<7}{batch:>6}{side:>8}{tps:>11}{mfu:>8}{mem:>10}{loss:>9}{rat:>11}",
                       flush=True)
             results.append(row)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+            if args.json:  # after every row: a run cut short still leaves what it measured
+                Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
 
 
