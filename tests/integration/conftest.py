@@ -96,19 +96,12 @@ def control_plane(tmp_path_factory) -> ControlPlane:
         pytest.fail(f"test control plane binaries are not built ({', '.join(missing)} missing in {bin_dir}). "
                     f"Run `scripts/testenv build` (about 30-50 min cold on 2 cores, under a second when cached).", pytrace=False)
     t0 = time.monotonic()
-    # One retry in a fresh directory: once, kube-apiserver found its freshly written sa.key gone
-    # and exited at start (cause not yet found; see the session note). A second failure fails.
-    for attempt in (1, 2):
-        state = tmp_path_factory.mktemp("testenv")
-        r = subprocess.run([str(TESTENV), "up", "--dir", str(state), "--watch-pid", str(os.getpid())],
-                           capture_output=True, text=True, timeout=300)
-        m = re.fullmatch(r"export KUBECONFIG=(\S+)\n?", r.stdout)
-        if r.returncode == 0 and m:
-            break
+    state = tmp_path_factory.mktemp("testenv")
+    r = subprocess.run([str(TESTENV), "up", "--dir", str(state), "--watch-pid", str(os.getpid())],
+                       capture_output=True, text=True, timeout=300)
+    m = re.fullmatch(r"export KUBECONFIG=(\S+)\n?", r.stdout)
+    if r.returncode != 0 or not m:
         subprocess.run([str(TESTENV), "down", "--dir", str(state), "--keep-logs"], capture_output=True)
-        if attempt == 1:
-            print(f"`scripts/testenv up` failed (rc {r.returncode}), retrying once:\n{r.stderr[-2000:]}")
-            continue
         pytest.fail(f"`scripts/testenv up` failed (rc {r.returncode}); stdout={r.stdout!r}\n{r.stderr}", pytrace=False)
     info = json.loads((state / "env.json").read_text())
     env = dict(os.environ)
