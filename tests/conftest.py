@@ -110,3 +110,24 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     """Directory with a tiny LlamaForCausalLM (hidden 64, 2 layers) and the same tokenizer."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """moto's S3 server on loopback (real HTTP, real botocore/s3fs clients): the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def aws_env(moto_endpoint, tmp_path) -> dict[str, str]:
+    """AWS_* variables that point boto3/s3fs at the moto server and nowhere else."""
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_ENDPOINT_URL": moto_endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none")}

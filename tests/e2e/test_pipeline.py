@@ -119,3 +119,53 @@ def test_invalid_config_exits_2_without_a_traceback(tmp_path):
     assert done.returncode == 2
     assert "InvalidSpec" in done.stderr and "learningRate" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="quickstart model not built")
+def test_s3_output_survives_losing_the_pod(tmp_path, aws_env):
+    """Output to s3:// (moto's server): the first run is killed after its step-4 checkpoint and its
+    local copy is thrown away, as when a pod is lost; the rerun on an empty disk takes the finished
+    prep and the checkpoint from the bucket, resumes at step 4, and leaves the adapter, report and
+    result.json in the bucket, with artifact URIs that point there."""
+    pytest.importorskip("ray.train")
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=aws_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="models")
+    config = _config(tmp_path)
+    body = json.loads(config.read_text())
+    body["outputUri"] = "s3://models/support-assistant/support-assistant-r1"
+    config.write_text(json.dumps(body))
+
+    def keys(prefix: str = "support-assistant/support-assistant-r1/") -> set[str]:
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket="models", Prefix=prefix)
+        return {o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])}
+
+    crashed = _run(config, TAILOR_FAULT_EXIT_AFTER_CHECKPOINT="4", TAILOR_RUN_CACHE=str(tmp_path / "pod-1"),
+                   **aws_env)
+    assert crashed.returncode == 137, crashed.stderr[-3000:]
+    stored = keys()
+    assert {"prep/manifest.json", "prep/train.parquet", "adapt/manifest.json",
+            "train/checkpoints/step-4/manifest.json", "train/checkpoints/step-4/trainable.safetensors",
+            "train/checkpoints/step-4/optimizer.pt"} <= stored
+    assert "train/manifest.json" not in stored
+
+    done = _run(config, TAILOR_RUN_CACHE=str(tmp_path / "pod-2"), **aws_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stage prep: finished earlier" in done.stderr and "stage adapt: finished earlier" in done.stderr
+    stored = keys()
+    train = json.loads(s3.get_object(Bucket="models", Key="support-assistant/support-assistant-r1/"
+                                     "train/manifest.json")["Body"].read())
+    assert train["resumedFrom"] == 4 and train["steps"] == 8 and train["status"] == "completed"
+    assert {"train/model/adapter_model.safetensors", "train/model/adapter_config.json",
+            "train/metrics.jsonl", "evaluate/result.json", "evaluate/report.html", "evaluate/loss.png",
+            "evaluate/manifest.json"} <= stored
+    assert not any("/ray/" in k or ".tmp-" in k for k in stored)
+    result = json.loads(s3.get_object(Bucket="models", Key="support-assistant/support-assistant-r1/"
+                                      "evaluate/result.json")["Body"].read())
+    assert result["artifacts"]["model"] == "s3://models/support-assistant/support-assistant-r1/train/model"
+    assert result["metrics"]["loss"] < result["metrics"]["baseLoss"]
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["state"] == "Succeeded" and progress["result"] == result

@@ -63,3 +63,25 @@ def test_two_gpu_workers_ddp_over_nccl(tmp_path, tiny_model_dir, monkeypatch):
     out = _train(_ctx(tmp_path, tiny_model_dir, {"method": "lora"}, {"workers": 2, "gpusPerWorker": 1}))
     assert out["mode"] == "workers" and out["worldSize"] == 2 and out["steps"] == 4
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+def test_whole_pipeline_on_one_gpu(tmp_path, tiny_model_dir, monkeypatch):
+    """prep -> adapt -> train -> evaluate through the RayJob's entrypoint, on the GPU in bf16:
+    evaluation (losses, greedy generation for exact match and samples) runs there too."""
+    from tailor_trainer.pipeline import main_run
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ctx = _ctx(tmp_path, tiny_model_dir, {"method": "lora"}, {"workers": 1, "gpusPerWorker": 1})
+    body = ctx.config.model_dump(mode="json", by_alias=True)
+    body["evaluation"] = {"metrics": ["loss", "perplexity", "accuracy", "exactMatch"], "maxNewTokens": 4,
+                          "samplePrompts": ["say red 1:"]}
+    body["progress"] = {"file": str(tmp_path / "progress.json")}
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(body))
+    assert main_run(str(config)) == 0
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["state"] == "Succeeded"
+    result = progress["result"]
+    assert result["metrics"]["loss"] == result["metrics"]["loss"] and "exactMatch" in result["metrics"]
+    train = json.loads((tmp_path / "run" / "train" / "manifest.json").read_text())
+    assert train["device"].startswith("cuda")

@@ -203,6 +203,33 @@ def test_early_stopping_on_a_validation_plateau(prepared, tmp_path):
 
 
 @pytest.mark.slow
+def test_early_stopping_keeps_the_best_weights_across_a_resume(prepared, tmp_path):
+    """Best at step 1, stopped at step 3; a run that died after its step-2 checkpoint and resumed
+    must still end with the step-1 weights (they travel in the checkpoint), bit for bit."""
+    from safetensors.torch import load_file
+
+    es = {"learningRate": 1e-9, "maxSteps": 20, "evalEverySteps": 1, "checkpointEverySteps": 1,
+          "earlyStopping": {"patience": 2, "minDelta": 1e-4}}
+    straight, _ = new_run(prepared, tmp_path / "straight", hyperparameters=es)
+    assert run_train(straight)["bestStep"] == 1
+    ctx, _ = new_run(prepared, tmp_path / "crashed", hyperparameters=es)
+    run_train(ctx)
+    train = tmp_path / "crashed" / "train"
+    assert (train / "checkpoints" / "step-2" / "best.safetensors").exists()
+    shutil.rmtree(train / "checkpoints" / "step-3")
+    shutil.rmtree(train / "model")
+    out = run_train(ctx)
+    assert out["resumedFrom"] == 2 and out["status"] == "earlyStopped" and out["bestStep"] == 1
+    want = load_file(str(tmp_path / "straight" / "train" / "model" / "adapter_model.safetensors"))
+    got = load_file(str(train / "model" / "adapter_model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    last = load_file(str(train / "checkpoints" / "step-3" / "trainable.safetensors"))
+    last = {k.replace(".default.", "."): t for k, t in last.items()}  # PEFT drops the adapter name
+    assert last.keys() == got.keys()
+    assert any(not torch.equal(last[k], got[k]) for k in got), "step 3 must differ from step 1 for this test"
+
+
+@pytest.mark.slow
 def test_diverging_run_stops_as_diverged(prepared, tmp_path):
     # fp16 activations with a huge learning rate overflow within a few steps.
     ctx, _ = new_run(prepared, tmp_path, adaptation={"method": "full", "lora": None},
@@ -226,3 +253,67 @@ def test_two_cpu_workers_train_with_ddp(prepared, tmp_path, monkeypatch):
     assert (tmp_path / "train" / "model" / "adapter_model.safetensors").exists()
     # Rank 0's progress reached the driver through the relay actor.
     assert any(s.get("stage") == "train" and s.get("step") for s in seen)
+
+
+@pytest.mark.slow
+def test_two_cpu_workers_train_with_fsdp_like_ddp_and_resume(prepared, tmp_path, monkeypatch):
+    """resources.strategy fsdp (FSDP2 over gloo), full fine-tuning: the same losses as DDP on the
+    same data (the gradients are the same average), checkpoints hold full tensors equal to DDP's,
+    a run that lost its last checkpoint resumes from the one before and ends where an
+    uninterrupted run ends, and the saved model is a plain unsharded one. (Each 2-worker run
+    costs about a minute here, so LoRA gets the lighter test below.)"""
+    from safetensors.torch import load_file
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    adaptation = {"method": "full", "lora": None}
+    hp = {"maxSteps": 4, "checkpointEverySteps": 2, "learningRate": 1e-3}
+    ddp, _ = new_run(prepared, tmp_path / "ddp", resources={"workers": 2, "cpusPerWorker": 1},
+                     adaptation=adaptation, hyperparameters=hp)
+    run_train(ddp)
+    fsdp, _ = new_run(prepared, tmp_path / "fsdp", resources={"workers": 2, "cpusPerWorker": 1, "strategy": "fsdp"},
+                      adaptation=adaptation, hyperparameters=hp)
+    out = run_train(fsdp)
+    assert out["worldSize"] == 2 and out["steps"] == 4
+    assert [v for _, v in losses(tmp_path / "fsdp")] == pytest.approx([v for _, v in losses(tmp_path / "ddp")],
+                                                                       rel=1e-4)
+    train = tmp_path / "fsdp" / "train"
+    ckpt = load_file(str(train / "checkpoints" / "step-4" / "trainable.safetensors"))
+    ddp_ckpt = load_file(str(tmp_path / "ddp" / "train" / "checkpoints" / "step-4" / "trainable.safetensors"))
+    assert ckpt.keys() == ddp_ckpt.keys()
+    assert all(ckpt[k].shape == ddp_ckpt[k].shape for k in ckpt)  # full tensors, not shards
+    assert all(torch.allclose(ckpt[k], ddp_ckpt[k], atol=1e-5) for k in ckpt)
+    assert (train / "model" / "model.safetensors").exists()
+
+    # lose the step-4 checkpoint and the model: the rerun resumes at step 2 and ends the same
+    reference = losses(tmp_path / "fsdp")
+    shutil.rmtree(train / "checkpoints" / "step-4")
+    shutil.rmtree(train / "model")
+    again = run_train(fsdp)
+    assert again["resumedFrom"] == 2 and again["steps"] == 4
+    assert [v for _, v in losses(tmp_path / "fsdp")] == pytest.approx([v for _, v in reference], rel=1e-5)
+    resumed = load_file(str(train / "checkpoints" / "step-4" / "trainable.safetensors"))
+    assert all(torch.allclose(resumed[k], ckpt[k], atol=1e-6) for k in ckpt)
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_saves_a_plain_adapter(prepared, tmp_path, monkeypatch):
+    """LoRA on a sharded frozen base: the loss falls, the checkpoint holds the full adapter
+    tensors, and the saved adapter reloads with plain PEFT."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ctx, _ = new_run(prepared, tmp_path, resources={"workers": 2, "cpusPerWorker": 1, "strategy": "fsdp"},
+                     hyperparameters={"maxSteps": 6, "checkpointEverySteps": 6})
+    out = run_train(ctx)
+    assert out["worldSize"] == 2 and out["steps"] == 6 and out["status"] == "completed"
+    values = [v for _, v in losses(tmp_path)]
+    assert values[-1] < values[0]
+    ckpt = load_file(str(tmp_path / "train" / "checkpoints" / "step-6" / "trainable.safetensors"))
+    assert ckpt and all("lora_" in k for k in ckpt)
+    assert all(t.shape[0] == 4 or t.shape[1] == 4 for t in ckpt.values())  # r=4: whole A/B matrices
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(prepared["model"])),
+                                      str(tmp_path / "train" / "model"))
+    saved = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert saved.keys() == ckpt.keys() and all(torch.equal(saved[k], ckpt[k]) for k in ckpt)

@@ -573,15 +573,36 @@ class ResolvedDataset(DataSpec):
     """Contents of source.configMapRef, copied in by the operator (small data only)."""
 
 
+class Strategy(str, Enum):
+    """How the workers share the model."""
+
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+FSDP_NEEDS_WORKERS = "resources.strategy fsdp shards the model across workers: set resources.workers to at least 2"
+QLORA_NOT_WITH_FSDP = ("adaptation.method qlora cannot be combined with resources.strategy fsdp (4-bit base "
+                       "weights are not sharded); use method lora with fsdp, or strategy ddp")
+
+
 class Workers(CamelModel):
     """How many Ray Train workers, and what each one gets."""
 
     workers: int = Field(1, ge=1, le=1024)
-    """Ray Train workers (DDP ranks)."""
+    """Ray Train workers (ranks)."""
     gpus_per_worker: int = Field(0, ge=0, le=16)
     """GPUs per worker; 0 trains on CPU with gloo."""
     cpus_per_worker: float = Field(1.0, gt=0.0, le=1024)
     """CPUs per worker."""
+    strategy: Strategy = Strategy.ddp
+    """ddp: every worker holds the whole model; fsdp: weights, gradients and optimizer state are
+    sharded across the workers (PyTorch FSDP2), for models that do not fit one GPU."""
+
+    @model_validator(mode="after")
+    def _fsdp_needs_workers(self) -> "Workers":
+        if self.strategy is Strategy.fsdp and self.workers < 2:
+            raise FieldError("workers", FSDP_NEEDS_WORKERS)
+        return self
 
 
 class ProgressSink(CamelModel):
@@ -633,6 +654,8 @@ class TrainerConfig(CamelModel):
 
     @model_validator(mode="after")
     def _cpu_checks(self) -> "TrainerConfig":
+        if self.adaptation.method is AdaptationMethod.qlora and self.resources.strategy is Strategy.fsdp:
+            raise FieldError("resources.strategy", QLORA_NOT_WITH_FSDP)
         if self.adaptation.method is AdaptationMethod.qlora and self.resources.gpus_per_worker < 1:
             raise FieldError(
                 "resources.gpusPerWorker",

@@ -52,14 +52,24 @@ def load_config(path: str) -> TrainerConfig:
         raise InvalidSpec(f"invalid config at {where}: {first['msg']}", field=where) from e
 
 
-def run_dir_of(cfg: TrainerConfig) -> str:
-    """The run directory as a local path (s3 output is not a local directory: refused here)."""
-    path = storage.local_path(cfg.output_uri)
-    if path is None:
-        raise InvalidSpec(f"output {cfg.output_uri!r}: the trainer needs a filesystem path here "
-                          "(a local path, file:// or pvc://)", field="spec.output.uri")
+def run_dir_of(cfg: TrainerConfig) -> tuple[str, Optional[storage.RunMirror]]:
+    """The run directory as a local path, and the mirror that syncs it when the output is remote.
+
+    For ``s3://`` output the stages work in a local copy (``$TAILOR_RUN_CACHE``, default
+    ``~/.cache/tailor/runs/<hash of the URI>``) that first receives whatever the bucket already
+    holds, so a rerun on a fresh pod skips finished stages and resumes from the last checkpoint."""
+    try:
+        path = storage.local_path(cfg.output_uri)
+        mirror = None if path is not None else storage.RunMirror(cfg.output_uri)
+        if mirror is not None:
+            path = mirror.local
+            pulled = mirror.pull()
+            if pulled:
+                log.info("output %s: %d files fetched into %s", cfg.output_uri, pulled, path)
+    except (storage.StorageError, OSError, ValueError) as e:
+        raise InvalidSpec(f"output {cfg.output_uri!r}: {e}", field="spec.output.uri") from e
     os.makedirs(path, exist_ok=True)
-    return os.path.abspath(path)
+    return os.path.abspath(path), mirror
 
 
 def finished(run_dir: str, stage: str, config_hash: str) -> Optional[dict[str, Any]]:
@@ -72,25 +82,43 @@ def finished(run_dir: str, stage: str, config_hash: str) -> Optional[dict[str, A
 def run_pipeline(cfg: TrainerConfig, reporter: Reporter, stages: Optional[str] = None) -> Optional[dict]:
     """Run the selected stages; returns evaluate's result.json (None if evaluate did not run)."""
     names = select(stages)
-    run_dir = run_dir_of(cfg)
+    run_dir, mirror = run_dir_of(cfg)
     config_hash = cfg.config_hash()
-    ctx = StageContext(config=cfg, run_dir=run_dir, config_hash=config_hash, progress=reporter.update)
-    for name in names:
-        if finished(run_dir, name, config_hash):
-            log.info("stage %s: finished earlier with this config, skipped", name)
-            reporter.update(stage=name, message="finished earlier; skipped")
-            continue
-        log.info("stage %s: starting", name)
-        reporter.update(stage=name, message=None)
-        started = time.monotonic()
-        body = STAGES[name].run(ctx) or {}
-        manifest = {**body, "stage": name, "configHash": config_hash, "finishedAt": utcnow(),
-                    "durationSeconds": round(time.monotonic() - started, 3)}
-        storage.write_json_atomic(os.path.join(run_dir, name, "manifest.json"), manifest)
-        log.info("stage %s: done in %.1fs", name, time.monotonic() - started)
+    ctx = StageContext(config=cfg, run_dir=run_dir, config_hash=config_hash, progress=reporter.update,
+                       mirror=mirror)
+    try:
+        for name in names:
+            if finished(run_dir, name, config_hash):
+                log.info("stage %s: finished earlier with this config, skipped", name)
+                reporter.update(stage=name, message="finished earlier; skipped")
+                continue
+            log.info("stage %s: starting", name)
+            reporter.update(stage=name, message=None)
+            started = time.monotonic()
+            body = STAGES[name].run(ctx) or {}
+            manifest = {**body, "stage": name, "configHash": config_hash, "finishedAt": utcnow(),
+                        "durationSeconds": round(time.monotonic() - started, 3)}
+            storage.write_json_atomic(os.path.join(run_dir, name, "manifest.json"), manifest)
+            if mirror is not None:
+                reporter.update(stage=name, message=f"uploading to {cfg.output_uri}")
+                mirror.push(name)  # the stage's manifest goes last: complete in the bucket too
+            log.info("stage %s: done in %.1fs", name, time.monotonic() - started)
+    except BaseException:
+        if mirror is not None:
+            _push_after_failure(mirror)
+        raise
     if "evaluate" in names or finished(run_dir, "evaluate", config_hash):
         return storage.read_json(os.path.join(run_dir, "evaluate", "result.json"))
     return None
+
+
+def _push_after_failure(mirror: storage.RunMirror) -> None:
+    """Best effort: what a failed run wrote (its report after a failed gate, status files) also
+    reaches the bucket. Checkpoints are already there (pushed as they are written)."""
+    try:
+        mirror.push()
+    except Exception as e:  # noqa: BLE001 - never hide the run's own error behind this one
+        log.warning("could not upload the failed run's files to %s: %s", mirror.uri, e)
 
 
 def _cpu_friendly_threads() -> None:

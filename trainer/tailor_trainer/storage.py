@@ -143,6 +143,108 @@ def makedirs(loc: Location) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Remote run directories
+
+
+def run_cache_root() -> Path:
+    return Path(os.environ.get("TAILOR_RUN_CACHE", os.path.expanduser("~/.cache/tailor/runs")))
+
+
+def _is_manifest(rel: str) -> bool:
+    return posixpath.basename(rel) == "manifest.json"
+
+
+class RunMirror:
+    """A local working copy of a remote (``s3://``) run directory.
+
+    Stages read and write local files (Ray Train, safetensors and torch need paths); the mirror
+    moves them. ``pull`` fetches what the bucket has and the copy lacks (a restarted pod resumes
+    from the last pushed checkpoint); ``push`` uploads what changed. Within a call, files named
+    ``manifest.json`` go last, so a reader on either side that sees a manifest sees the complete
+    stage or checkpoint it describes. Every host of a run (the driver and each Ray worker) derives
+    the same local path from the URI, so the paths in a job description hold on every node.
+    """
+
+    def __init__(self, uri: str, local: Optional[str] = None) -> None:
+        self.uri = uri.rstrip("/")
+        self.remote = resolve(self.uri)
+        if self.remote.is_local:
+            raise StorageError(f"{uri!r} is a local path; no mirror needed")
+        key = hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+        self.local = os.path.abspath(local or str(run_cache_root() / key))
+        os.makedirs(self.local, exist_ok=True)
+        self._pushed: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) last uploaded
+
+    @classmethod
+    def for_output(cls, uri: str) -> Optional["RunMirror"]:
+        """A mirror for a remote output URI; None when the URI is a local path already."""
+        return None if local_path(uri) is not None else cls(uri)
+
+    def _remote_files(self, sub: str) -> dict[str, int]:
+        """rel path -> size of every object under ``sub`` (empty when there is none)."""
+        base = self.remote.join(sub).path if sub else self.remote.path
+        try:
+            found = self.remote.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {posixpath.relpath(path, self.remote.path): int(info.get("size") or 0)
+                for path, info in found.items() if info.get("type", "file") != "directory"}
+
+    def _local_files(self, sub: str) -> dict[str, tuple[int, int]]:
+        root = os.path.join(self.local, sub) if sub else self.local
+        out: dict[str, tuple[int, int]] = {}
+        for dirpath, dirnames, filenames in os.walk(root):
+            # partial writes (.tmp-*) and Ray's own scratch space never leave the node
+            dirnames[:] = [d for d in dirnames if not d.startswith(".tmp-") and d != "ray"]
+            for name in filenames:
+                if ".tmp-" in name or name.endswith(".tmp"):
+                    continue
+                path = os.path.join(dirpath, name)
+                st = os.stat(path)
+                out[os.path.relpath(path, self.local).replace(os.sep, "/")] = (st.st_size, st.st_mtime_ns)
+        return out
+
+    def pull(self, sub: str = "") -> int:
+        """Download the objects under ``sub`` that the local copy lacks or holds at another size;
+        returns how many. Files already here at the object's size count as in sync."""
+        remote = self._remote_files(sub)
+        todo = []
+        for rel, size in remote.items():
+            path = os.path.join(self.local, rel)
+            if os.path.isfile(path) and os.path.getsize(path) == size:
+                st = os.stat(path)
+                self._pushed.setdefault(rel, (st.st_size, st.st_mtime_ns))
+            else:
+                todo.append(rel)
+        for rel in sorted(todo, key=lambda r: (_is_manifest(r), r)):
+            target = os.path.join(self.local, rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            self.remote.fs.get_file(self.remote.join(rel).path, tmp)
+            os.replace(tmp, target)
+            st = os.stat(target)
+            self._pushed[rel] = (st.st_size, st.st_mtime_ns)
+        return len(todo)
+
+    def push(self, sub: str = "", delete: bool = False) -> int:
+        """Upload the files under ``sub`` that changed since they were last pushed or pulled by
+        this mirror; with ``delete``, also remove objects under ``sub`` that are gone locally
+        (manifests first, so a half-deleted checkpoint never looks complete). Returns how many
+        files were uploaded."""
+        local = self._local_files(sub)
+        todo = [rel for rel, sig in local.items() if self._pushed.get(rel) != sig]
+        for rel in sorted(todo, key=lambda r: (_is_manifest(r), r)):
+            self.remote.fs.put_file(os.path.join(self.local, rel), self.remote.join(rel).path)
+            self._pushed[rel] = local[rel]
+        if delete:
+            gone = [rel for rel in self._remote_files(sub) if rel not in local]
+            for rel in sorted(gone, key=lambda r: (not _is_manifest(r), r)):
+                self.remote.fs.rm_file(self.remote.join(rel).path)
+                self._pushed.pop(rel, None)
+        return len(todo)
+
+
+# ---------------------------------------------------------------------------------------------
 # Model directories
 
 

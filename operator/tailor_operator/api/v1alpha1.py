@@ -30,6 +30,8 @@ from tailor_trainer._base import (
     with_cel,
 )
 from tailor_trainer.config import (
+    FSDP_NEEDS_WORKERS,
+    QLORA_NOT_WITH_FSDP,
     Adaptation,
     AdaptationMethod,
     DataSpec,
@@ -37,6 +39,7 @@ from tailor_trainer.config import (
     Hyperparameters,
     Metric,
     ModelSource,
+    Strategy,
 )
 
 GROUP = "tailor.dev"
@@ -188,11 +191,21 @@ class Toleration(CamelModel):
     """For NoExecute: how long the pod stays bound after the taint appears."""
 
 
-class Resources(CamelModel):
+class Resources(
+    CamelModel,
+    json_schema_extra=with_cel(
+        cel("!has(self.strategy) || self.strategy != 'fsdp' || (has(self.workers) && self.workers >= 2)",
+            FSDP_NEEDS_WORKERS, ".workers"),
+    ),
+):
     """Where and on what the run executes (the Ray worker group)."""
 
     workers: int = Field(1, ge=1, le=256)
-    """Ray Train workers, one per pod (DDP ranks). Defaults to 1."""
+    """Ray Train workers, one per pod (ranks). Defaults to 1."""
+    strategy: Strategy = Strategy.ddp
+    """ddp: every worker holds the whole model (DistributedDataParallel); fsdp: weights, gradients
+    and optimizer state are sharded across the workers (PyTorch FSDP2), for models that do not
+    fit one GPU; needs workers >= 2. Defaults to ddp."""
     gpus_per_worker: int = Field(1, ge=0, le=16)
     """nvidia.com/gpu per worker; 0 trains on CPU. Defaults to 1."""
     cpus_per_worker: Quantity = "4"
@@ -211,6 +224,12 @@ class Resources(CamelModel):
     """Trainer image. Defaults to the operator's configured trainer image."""
     priority_class_name: Optional[K8sName] = None
     """PriorityClass of the pods."""
+
+    @model_validator(mode="after")
+    def _fsdp_needs_workers(self) -> "Resources":
+        if self.strategy is Strategy.fsdp and self.workers < 2:
+            raise FieldError("workers", FSDP_NEEDS_WORKERS)
+        return self
 
 
 class OutputSpec(CamelModel):
@@ -316,6 +335,12 @@ class FineTuneJobSpec(
             "adaptation.method qlora needs GPUs: resources.gpusPerWorker must be at least 1",
             ".resources.gpusPerWorker",
         ),
+        cel(
+            "!has(self.adaptation) || !has(self.adaptation.method) || self.adaptation.method != 'qlora'"
+            " || !has(self.resources) || !has(self.resources.strategy) || self.resources.strategy != 'fsdp'",
+            QLORA_NOT_WITH_FSDP,
+            ".resources.strategy",
+        ),
         # Transition rule (no Python twin: it needs the old object). Runs of the old backend would
         # be orphaned by a change; see docs/operator.md "Spec changes while a run is active".
         cel(
@@ -367,6 +392,8 @@ class FineTuneJobSpec(
                 "resources.gpusPerWorker",
                 "adaptation.method qlora needs GPUs: resources.gpusPerWorker must be at least 1"
             )
+        if self.adaptation.method is AdaptationMethod.qlora and self.resources.strategy is Strategy.fsdp:
+            raise FieldError("resources.strategy", QLORA_NOT_WITH_FSDP)
         return self
 
 

@@ -68,6 +68,7 @@ def build_trainer_config(
             workers=spec.resources.workers,
             gpus_per_worker=spec.resources.gpus_per_worker,
             cpus_per_worker=_cpus(spec.resources.cpus_per_worker),
+            strategy=spec.resources.strategy,
         ),
         output_uri=run_output_uri(job, run),
         merged_model=spec.output.merged_model,

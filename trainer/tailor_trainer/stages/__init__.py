@@ -89,6 +89,8 @@ class StageContext:
     """``progress(stage=..., step=..., loss=..., ...)``: fields of the progress document."""
     model_dir: Optional[str] = None
     """Local directory of the base model (resolved once by the pipeline)."""
+    mirror: Optional[Any] = None
+    """``storage.RunMirror`` when the output is remote (s3): ``run_dir`` is then its local copy."""
 
     def stage_dir(self, name: str) -> str:
         path = os.path.join(self.run_dir, name)

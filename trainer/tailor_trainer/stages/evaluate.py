@@ -175,7 +175,10 @@ def cv_fold(spec: dict[str, Any]) -> dict[str, Any]:
     fold = spec["fold"]
     train = [r for r in spec["rows"] if r["fold"] != fold]
     held = [r for r in spec["rows"] if r["fold"] == fold]
-    model, outcome = fit(cfg, spec["baseDir"], train, [], config_hash=spec["configHash"],
+    base_dir = spec["baseDir"]
+    if not os.path.isdir(base_dir):  # resolved on the driver's node: fetch it on this one too
+        base_dir = storage.resolve_model_dir(cfg.model.uri, cfg.model.revision)
+    model, outcome = fit(cfg, base_dir, train, [], config_hash=spec["configHash"],
                          threads=spec.get("threads"))
     device = next(model.parameters()).device
     amp, _ = amp_context(cfg.hyperparameters.precision, device)

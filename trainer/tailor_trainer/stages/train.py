@@ -31,6 +31,7 @@ import uuid
 from contextlib import nullcontext
 from typing import Any, Callable, Optional
 
+from tailor_trainer import storage
 from tailor_trainer.batches import amp_context, as_tensors, collate, epoch_order, load_rows, token_losses
 from tailor_trainer.checkpoints import (
     CHECKPOINTS,
@@ -41,10 +42,12 @@ from tailor_trainer.checkpoints import (
     write_checkpoint,
     write_text,
 )
-from tailor_trainer.config import AdaptationMethod, Precision, TrainerConfig
+from tailor_trainer.config import AdaptationMethod, Precision, Strategy, TrainerConfig
 from tailor_trainer.runtime import ensure_ray, relay_class, stage_error_in, use_local_mode
 from tailor_trainer.stages import DataInvalid, Diverged, InvalidSpec, StageContext, StageError, TrainingFailed
 
+# Early stopping's best trainable weights so far, kept in each checkpoint while early stopping is on.
+BEST_FILE = "best.safetensors"
 # Test-only fault injection: the process dies right after writing this checkpoint step.
 _CRASH_AFTER_ENV = "TAILOR_FAULT_EXIT_AFTER_CHECKPOINT"
 _LOCAL_PROGRESS: dict[str, Callable[..., None]] = {}
@@ -66,17 +69,62 @@ def _save_model_dir(model: Any, model_dir: str, out: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# FSDP (resources.strategy fsdp): PyTorch FSDP2, one shard group per transformer block
+
+
+def shard_model(model: Any, device_type: str, world: int) -> None:
+    """Shard every transformer block (the classes the model lists in ``_no_split_modules``, added
+    identity blocks included), then the rest (embeddings, head, PEFT extras) at the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device_type, (world,))
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(inner, "_no_split_modules", None) or [])
+    for module in [m for m in model.modules() if type(m).__name__ in names]:
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def gather_trainable(params: list[tuple[str, Any]], keep: bool) -> dict[str, Any]:
+    """Full CPU copies of the trainable (sharded) parameters; a collective: every rank calls it
+    with the same list. Ranks with ``keep`` False take part but keep nothing."""
+    out = {}
+    for name, p in params:
+        full = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        if keep:
+            out[name] = full.to("cpu", copy=True).contiguous()
+        del full
+    return out
+
+
+def load_sharded(model: Any, optimizer: Any, weights: dict[str, Any], optim_state: dict[str, Any]) -> None:
+    """Resume under FSDP: full (unsharded) checkpoint tensors, resharded onto this world."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+# ---------------------------------------------------------------------------------------------
 # The recipe
 
 
 def fit(cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: list[dict], *,
         config_hash: str, train_dir: Optional[str] = None, threads: Optional[int] = None,
-        progress: Optional[Callable[..., None]] = None, device: Any = None) -> tuple[Any, dict[str, Any]]:
+        progress: Optional[Callable[..., None]] = None, device: Any = None,
+        on_checkpoint: Optional[Callable[[], None]] = None) -> tuple[Any, dict[str, Any]]:
     """Train on ``train_rows``; returns the (unwrapped) model and the outcome.
 
     With ``train_dir`` it checkpoints, resumes, logs ``metrics.jsonl`` and saves the final model
     there (the train stage); without, it only trains (a cross-validation fold). ``device``
-    defaults to GPU ``LOCAL_RANK`` with ``gpusPerWorker``, else the CPU.
+    defaults to GPU ``LOCAL_RANK`` with ``gpusPerWorker``, else the CPU. ``on_checkpoint`` runs on
+    rank 0 after each checkpoint is complete (the train stage pushes it to remote output there).
     """
     import torch
     import torch.distributed as dist
@@ -118,6 +166,9 @@ def fit(cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: li
         base_config.use_cache = False
     pad_id = next((v for v in (getattr(base_config, "pad_token_id", None),
                                getattr(base_config, "eos_token_id", None)) if isinstance(v, int)), 0)
+    fsdp = cfg.resources.strategy is Strategy.fsdp and world > 1
+    if fsdp:
+        shard_model(model, device.type, world)  # before the optimizer: it must hold the sharded parameters
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     # 2. Schedule: micro-batches per epoch per rank, optimizer steps, warmup.
@@ -149,12 +200,17 @@ def fit(cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: li
             from safetensors.torch import load_file
 
             step, path = found[-1]
-            weights = load_file(os.path.join(path, "trainable.safetensors"), device=str(device))
-            by_name = dict(params)
-            for name, tensor in weights.items():
-                by_name[name].data.copy_(tensor)
-            optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device,
-                                                 weights_only=False))
+            if fsdp:
+                weights = load_file(os.path.join(path, "trainable.safetensors"), device="cpu")
+                load_sharded(model, optimizer, weights,
+                             torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False))
+            else:
+                weights = load_file(os.path.join(path, "trainable.safetensors"), device=str(device))
+                by_name = dict(params)
+                for name, tensor in weights.items():
+                    by_name[name].data.copy_(tensor)
+                optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device,
+                                                     weights_only=False))
             scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
             with open(os.path.join(path, "state.json")) as f:
                 state.update(json.load(f))
@@ -176,12 +232,18 @@ def fit(cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: li
         metrics_file.flush()
 
     ddp = model
-    if world > 1:
+    if world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     tensors = [as_tensors(r) for r in train_rows]
     best_weights: Optional[dict[str, Any]] = None
+    if resumed_from is not None and os.path.exists(os.path.join(found[-1][1], BEST_FILE)):
+        from safetensors.torch import load_file
+
+        # early stopping's best weights so far: without them a resumed run that stops early
+        # would keep its last weights instead of the best ones
+        best_weights = load_file(os.path.join(found[-1][1], BEST_FILE), device="cpu")
     status, last_loss, diverged_value = "completed", None, None
     t_start, tokens_at_start, step_at_start = time.monotonic(), state["tokens"], state["step"]
     cpu_start = time.process_time()
@@ -211,12 +273,24 @@ def fit(cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: li
         model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=device)
         mine = val_rows[rank::world]
+        # FSDP: every rank must run the same number of forwards (each gathers the layers); a rank
+        # with a row fewer runs one more on a row it does not count.
+        per_rank = math.ceil(len(val_rows) / world) if fsdp else len(mine)
         with torch.no_grad():
-            for i in range(0, len(mine), hp.batch_size):
-                batch = collate(mine[i:i + hp.batch_size], pad_id, device)
+            for i in range(0, per_rank, hp.batch_size):
+                rows, counted = mine[i:i + hp.batch_size], True
+                if not rows:
+                    rows, counted = val_rows[:1], False
+                batch = collate(rows, pad_id, device)
                 loss, _ = token_losses(model, batch, amp)
-                sums[0] += loss.sum().double()
-                sums[1] += batch["label_tokens"]
+                if counted:
+                    sums[0] += loss.sum().double()
+                    sums[1] += batch["label_tokens"]
+        if fsdp:
+            # FSDP2 keeps the root's parameters gathered after a forward until the backward that
+            # never comes here; reshard, or the optimizer's (sharded) parameters are not the
+            # module's until the next training step
+            model.reshard()
         if world > 1:
             dist.all_reduce(sums)
         model.train()
@@ -230,18 +304,30 @@ def fit(cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: li
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        if lead:
+        if fsdp:  # collectives: every rank takes part, rank 0 receives the full tensors
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            weights = gather_trainable(params, lead)
+            optim_state = get_optimizer_state_dict(
+                model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        elif lead:
             weights = {n: p.detach().to("cpu").contiguous() for n, p in params}
+            optim_state = optimizer.state_dict()
+        if lead:
             write_checkpoint(ckpt_root, state["step"], {
                 "trainable.safetensors": lambda p: save_file(weights, p),
-                "optimizer.pt": lambda p: torch.save(optimizer.state_dict(), p),
+                "optimizer.pt": lambda p: torch.save(optim_state, p),
                 "scheduler.pt": lambda p: torch.save(scheduler.state_dict(), p),
                 "rng.pt": lambda p: torch.save(rngs, p),
                 "state.json": lambda p: write_text(p, json.dumps(state)),
                 **({"scaler.pt": lambda p: torch.save(scaler.state_dict(), p)} if scaler else {}),
+                **({BEST_FILE: lambda p: save_file({n: w.contiguous() for n, w in best_weights.items()}, p)}
+                   if best_weights is not None else {}),
             }, {"stage": "train", "configHash": config_hash, "worldSize": world,
                 "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                 keep=hp.checkpoints_to_keep)
+            if on_checkpoint is not None:
+                on_checkpoint()
         if world > 1:
             dist.barrier()
 
@@ -258,7 +344,11 @@ def fit(cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: li
             label_tokens = max(1, sum(b["label_tokens"] for b in group))
             sums = torch.zeros(3, dtype=torch.float64, device=device)
             for k, batch in enumerate(group):
-                sync = ddp.no_sync() if (world > 1 and k < len(group) - 1) else nullcontext()
+                if fsdp:
+                    model.set_requires_gradient_sync(k == len(group) - 1)
+                    sync = nullcontext()
+                else:
+                    sync = ddp.no_sync() if (world > 1 and k < len(group) - 1) else nullcontext()
                 with sync:
                     loss, _ = token_losses(ddp, batch, amp)
                     loss_sum = loss.sum()
@@ -272,7 +362,8 @@ def fit(cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: li
             step_loss = float(sums[0] / sums[1]) if sums[1] > 0 else 0.0
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], hp.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], hp.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             if not math.isfinite(step_loss) or (scaler is None and not math.isfinite(grad_norm)):
                 status, diverged_value = "diverged", (step_loss if not math.isfinite(step_loss) else grad_norm)
                 optimizer.zero_grad(set_to_none=True)
@@ -311,7 +402,8 @@ def fit(cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: li
                     if state["bestVal"] is None or val < state["bestVal"] - (es.min_delta if es else 0.0):
                         state["bestVal"], state["bestStep"], state["badEvals"] = val, state["step"], 0
                         if es is not None:
-                            best_weights = {n: p.detach().to("cpu", copy=True) for n, p in params}
+                            best_weights = (gather_trainable(params, True) if fsdp else
+                                            {n: p.detach().to("cpu", copy=True) for n, p in params})
                     else:
                         state["badEvals"] += 1
                         if es is not None and state["badEvals"] >= es.patience:
@@ -327,7 +419,17 @@ def fit(cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: li
 
     # 5. Save.
     duration = time.monotonic() - t_start
-    if status == "earlyStopped" and best_weights is not None:
+    if fsdp and status != "diverged":
+        # rank 0 saves (and returns) an unsharded copy: the same adapted model rebuilt on the CPU
+        # with the trained weights gathered from every rank
+        final = best_weights if (status == "earlyStopped" and best_weights is not None) \
+            else gather_trainable(params, lead)
+        if lead:
+            model, _ = build_trainable(cfg, model_dir, device=torch.device("cpu"), dtype=load_dtype)
+            by_name = dict(model.named_parameters())
+            for n, w in final.items():
+                by_name[n].data.copy_(w)
+    elif status == "earlyStopped" and best_weights is not None:
         by_name = dict(params)
         for n, w in best_weights.items():
             by_name[n].data.copy_(w.to(device))
@@ -393,11 +495,25 @@ def train_worker(job: dict[str, Any]) -> dict[str, Any]:
             device = ray.train.torch.get_device()  # this worker's GPU among those Ray made visible
         except Exception:  # noqa: BLE001 - local mode without a GPU context: fit() decides
             device = None
-    train_rows = load_rows(job["runDir"], "train")
-    val_rows = load_rows(job["runDir"], "validation")
-    _, outcome = fit(cfg, job["modelDir"], train_rows, val_rows, config_hash=job["configHash"],
-                     train_dir=os.path.join(job["runDir"], "train"), threads=job.get("threads"),
-                     progress=progress, device=device)
+    run_dir, model_dir, mirror = job["runDir"], job["modelDir"], None
+    if job.get("remoteOutput"):
+        # s3 output: this worker's copy of the run directory (on another node than the driver it
+        # starts empty): the prepared data, and the checkpoints to resume from
+        mirror = storage.RunMirror(cfg.output_uri)
+        run_dir = mirror.local
+        if not os.path.exists(os.path.join(run_dir, "prep", "manifest.json")):
+            mirror.pull("prep")
+        mirror.pull(os.path.join("train", CHECKPOINTS))
+    if not os.path.isdir(model_dir):  # resolved on the driver's node: fetch it here as well
+        model_dir = storage.resolve_model_dir(cfg.model.uri, cfg.model.revision)
+    train_rows = load_rows(run_dir, "train")
+    val_rows = load_rows(run_dir, "validation")
+    push = (lambda: mirror.push(f"train/{CHECKPOINTS}", delete=True)) if (mirror and rank == 0) else None
+    _, outcome = fit(cfg, model_dir, train_rows, val_rows, config_hash=job["configHash"],
+                     train_dir=os.path.join(run_dir, "train"), threads=job.get("threads"),
+                     progress=progress, device=device, on_checkpoint=push)
+    if mirror is not None and rank == 0:
+        mirror.push("train")  # the model, merged model and metrics, for the driver to pull
     if rank == 0 and relay is not None:
         import ray as _ray
 
@@ -427,6 +543,7 @@ def run_train(ctx: StageContext) -> dict[str, Any]:
         # cpusPerWorker threads, in local mode too: on a shared machine extra OpenMP threads that
         # wait for busy cores make a step many times slower, not faster.
         "threads": max(1, int(res.cpus_per_worker)),
+        "remoteOutput": ctx.mirror is not None,
     }
     run_config = RunConfig(name=f"{cfg.run.name}-train", storage_path=os.path.join(train_dir, "ray"),
                            failure_config=FailureConfig(max_failures=0))
@@ -489,6 +606,8 @@ def run_train(ctx: StageContext) -> dict[str, Any]:
             ray.kill(job["relay"])
     if not outcome:
         raise TrainingFailed("training ended without a result from rank 0")
+    if ctx.mirror is not None:
+        ctx.mirror.pull("train")  # rank 0 may have run on another node
     if outcome["status"] == "diverged":
         raise Diverged(
             f"training loss became {outcome['divergedValue']} at step {outcome['divergedAt']} "
