@@ -66,7 +66,9 @@ def run_dir_of(cfg: TrainerConfig) -> tuple[str, Optional[storage.RunMirror]]:
             pulled = mirror.pull()
             if pulled:
                 log.info("output %s: %d files fetched into %s", cfg.output_uri, pulled, path)
-    except (storage.StorageError, OSError, ValueError) as e:
+    except (storage.StorageError, PermissionError, ValueError) as e:
+        # a bad URI or credentials the store refuses: retrying cannot help (other errors, such
+        # as a connection that dropped, propagate and the run is retried)
         raise InvalidSpec(f"output {cfg.output_uri!r}: {e}", field="spec.output.uri") from e
     os.makedirs(path, exist_ok=True)
     return os.path.abspath(path), mirror

@@ -31,6 +31,9 @@ CONFIG_PATH = f"{CONFIG_DIR}/config.json"
 ENTRYPOINT = f"python -m tailor_trainer run --config {CONFIG_PATH}"
 SECRETS_DIR = "/var/run/secrets/tailor"
 PVC_ROOT = "/mnt/pvc"
+# s3 output: the trainer's local copy of the run directory (TAILOR_RUN_CACHE) on an emptyDir, not
+# on the image's filesystem.
+RUN_CACHE_DIR = "/var/lib/tailor/runs"
 GPU = "nvidia.com/gpu"
 
 
@@ -92,6 +95,9 @@ def _storage(job: FineTuneJob, dataset: Optional[Dataset],
         volume = safe_name("pvc-", claim)
         volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim}})
         mounts.append({"name": volume, "mountPath": f"{PVC_ROOT}/{claim}"})
+    if job.spec.output.uri.startswith("s3://"):
+        volumes.append({"name": "tailor-run-cache", "emptyDir": {}})
+        mounts.append({"name": "tailor-run-cache", "mountPath": RUN_CACHE_DIR})
     return volumes, mounts, env_from
 
 
@@ -141,6 +147,8 @@ def build_rayjob(
         {"name": "TAILOR_RUN", "value": run},
         {"name": "TAILOR_ATTEMPT", "value": str(attempt)},
     ]
+    if job.spec.output.uri.startswith("s3://"):
+        env.append({"name": "TAILOR_RUN_CACHE", "value": RUN_CACHE_DIR})
     head_resources = {
         "requests": {"cpu": options.head_cpu, "memory": options.head_memory},
         "limits": {"cpu": options.head_cpu, "memory": options.head_memory},
