@@ -7,13 +7,15 @@
 #       jsonschema-specifications referencing rpds-py transformers==<lock> peft==<lock>
 #   ray: unzip its wheel, drop ray/jars, ray/rllib, ray/serve, ray/llm and the dashboard's source
 #   maps, and pack the rest as .whl/ray-slim.tar.xz (79 MB wheel -> 25 MB)
+#   bitsandbytes (QLoRA tests; optional): unzip its wheel, keep only the cuda13x and cpu libraries,
+#   pack as .whl/bnb-slim.tar.xz (43 MB -> 7 MB)
 # then run `bash bench/gpu_device.sh` there with $OUT set to a folder for the logs.
 set -u
 OUT=${OUT:-/tmp/tailor-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
 t0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-python3 -c "import tarfile; tarfile.open('.whl/ray-slim.tar.xz').extractall('/tmp/site')" || exit 4
+python3 -c "import glob, tarfile; [tarfile.open(f).extractall('/tmp/site') for f in glob.glob('.whl/*-slim.tar.xz')]" || exit 4
 export PYTHONPATH=/tmp/site:$PWD/operator:$PWD/trainer
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 echo "== tests/gpu $(( $(date +%s) - t0 ))s"

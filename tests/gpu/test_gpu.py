@@ -65,13 +65,17 @@ def test_two_gpu_workers_ddp_over_nccl(tmp_path, tiny_model_dir, monkeypatch):
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
 
 
-def test_whole_pipeline_on_one_gpu(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_whole_pipeline_on_one_gpu(tmp_path, tiny_model_dir, monkeypatch, method):
     """prep -> adapt -> train -> evaluate through the RayJob's entrypoint, on the GPU in bf16:
-    evaluation (losses, greedy generation for exact match and samples) runs there too."""
+    evaluation (losses, greedy generation for exact match and samples) runs there too; with
+    QLoRA the base is loaded in 4 bits for training and evaluation."""
     from tailor_trainer.pipeline import main_run
 
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    ctx = _ctx(tmp_path, tiny_model_dir, {"method": "lora"}, {"workers": 1, "gpusPerWorker": 1})
+    ctx = _ctx(tmp_path, tiny_model_dir, {"method": method}, {"workers": 1, "gpusPerWorker": 1})
     body = ctx.config.model_dump(mode="json", by_alias=True)
     body["evaluation"] = {"metrics": ["loss", "perplexity", "accuracy", "exactMatch"], "maxNewTokens": 4,
                           "samplePrompts": ["say red 1:"]}
