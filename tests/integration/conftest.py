@@ -94,7 +94,7 @@ def control_plane(tmp_path_factory) -> ControlPlane:
     missing = [b for b in needed if not (bin_dir / b).is_file()]
     if missing:
         pytest.fail(f"test control plane binaries are not built ({', '.join(missing)} missing in {bin_dir}). "
-                    f"Run `scripts/testenv build` (about 30-50 min cold on 2 cores, under a second when cached).", pytrace=False)
+                    f"Run `scripts/testenv build` (about 12 min cold on 2 quiet cores, under a second when cached).", pytrace=False)
     t0 = time.monotonic()
     state = tmp_path_factory.mktemp("testenv")
     r = subprocess.run([str(TESTENV), "up", "--dir", str(state), "--watch-pid", str(os.getpid())],
