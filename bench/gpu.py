@@ -108,6 +108,9 @@ def random_rows(n: int, seq: int, vocab: int) -> list[dict]:
     return rows
 
 
+GRADIENT_CHECKPOINTING = False  # --gradient-checkpointing: both sides recompute activations
+
+
 def run_tailor(model_dir: Path, rows: list[dict], method: str, batch: int, steps: int) -> dict:
     import torch
 
@@ -122,7 +125,8 @@ def run_tailor(model_dir: Path, rows: list[dict], method: str, batch: int, steps
         "dataset": {"source": {"uri": "random.jsonl"}}, "adaptation": adaptation,
         "hyperparameters": {"learningRate": 1e-5, "batchSize": batch, "maxSteps": steps,
                             "precision": "bf16" if DEVICE == "cuda" else "fp32",
-                            "maxSeqLength": len(rows[0]["input_ids"])},
+                            "maxSeqLength": len(rows[0]["input_ids"]),
+                            "gradientCheckpointing": GRADIENT_CHECKPOINTING},
         "resources": {"workers": 1, "gpusPerWorker": 1 if DEVICE == "cuda" else 0}, "outputUri": "/tmp/unused"})
     model, out = fit(cfg, str(model_dir), rows, [], config_hash="bench", threads=torch.get_num_threads())
     peak = peak_gib()
@@ -163,7 +167,8 @@ def run_hf(model_dir: Path, rows: list[dict], method: str, batch: int, steps: in
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=batch, max_steps=steps,
                                  learning_rate=1e-5, bf16=cuda, use_cpu=not cuda, optim="adamw_torch",
-                                 logging_strategy="no",
+                                 logging_strategy="no", gradient_checkpointing=GRADIENT_CHECKPOINTING,
+                                 gradient_checkpointing_kwargs={"use_reentrant": False},
                                  save_strategy="no", report_to="none", disable_tqdm=True,
                                  remove_unused_columns=False, dataloader_num_workers=0, seed=1)
         trainer = Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[Clock()])
@@ -186,10 +191,13 @@ def main() -> int:
     p.add_argument("--workdir", default=None, help="where the random-init models are saved")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--smoke", action="store_true", help="toy model on CPU: check the script, not the GPU")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="both sides recompute activations")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step for every size/method")
     args = p.parse_args()
     import torch
 
-    global DEVICE
+    global DEVICE, GRADIENT_CHECKPOINTING
+    GRADIENT_CHECKPOINTING = args.gradient_checkpointing
     if args.smoke:
         DEVICE = "cpu"
         LLAMA["1b"] = LLAMA["8b"] = SMOKE
@@ -206,7 +214,8 @@ def main() -> int:
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if DEVICE == "cuda" else 0.0
     peak = peak_tflops(name, args.peak_tflops)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tailor-bench-gpu-"))
-    print(f"{name}, {memory:.0f} GiB, bf16 peak {peak or '?'} TFLOP/s; seq {args.seq}, {args.steps} steps\n")
+    print(f"{name}, {memory:.0f} GiB, bf16 peak {peak or '?'} TFLOP/s; seq {args.seq}, {args.steps} steps"
+          f"{', gradient checkpointing' if GRADIENT_CHECKPOINTING else ''}\n")
     print(f"{'model':<6}{'method':<7}{'batch':>6}{'side':>8}{'tokens/s':>11}{'MFU':>8}{'peak GiB':>10}"
           f"{'loss':>9}{'tailor/hf':>11}")
     results = []
@@ -219,7 +228,7 @@ def main() -> int:
             if size == "8b" and method == "full" and memory < 75 and not args.smoke:
                 print(f"{size:<6}{method:<7}  skipped: needs ~70 GiB, this GPU has {memory:.0f}")
                 continue
-            batch = BATCH[(size, method)]
+            batch = args.batch or BATCH[(size, method)]
             rows = random_rows(batch * args.steps, args.seq, LLAMA[size]["vocab_size"])
             fpt = flops_per_token(LLAMA[size], args.seq, method, non_embedding)
             row = {"size": size, "method": method, "batch": batch, "seq": args.seq}

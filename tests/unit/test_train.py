@@ -203,6 +203,37 @@ def test_early_stopping_on_a_validation_plateau(prepared, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("adaptation", [{}, {"method": "full", "lora": None}])
+def test_gradient_checkpointing_changes_memory_not_results(prepared, tmp_path, monkeypatch, adaptation):
+    """Same losses and weights with and without recomputation (LoRA dropout included: the RNG is
+    replayed), and the model really runs with checkpointing on."""
+    from safetensors.torch import load_file
+
+    from tailor_trainer.stages import adapt as adapt_module
+
+    seen = []
+    original = adapt_module.build_trainable
+
+    def spy(*args, **kwargs):
+        model, plan = original(*args, **kwargs)
+        seen.append(model)
+        return model, plan
+
+    monkeypatch.setattr(adapt_module, "build_trainable", spy)  # fit() imports it at call time
+    out = {}
+    for flag in (False, True):
+        run = tmp_path / str(flag)
+        ctx, _ = new_run(prepared, run, adaptation=adaptation,
+                         hyperparameters={"maxSteps": 3, "gradientCheckpointing": flag})
+        run_train(ctx)
+        inner = seen[-1].get_base_model() if hasattr(seen[-1], "get_base_model") else seen[-1]
+        assert inner.is_gradient_checkpointing is flag
+        out[flag] = (losses(run), load_file(str(run / "train" / "checkpoints" / "step-3" / "trainable.safetensors")))
+    assert [v for _, v in out[True][0]] == pytest.approx([v for _, v in out[False][0]], rel=1e-6)
+    assert all(torch.allclose(out[True][1][k], out[False][1][k], atol=1e-6) for k in out[False][1])
+
+
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_weights_across_a_resume(prepared, tmp_path):
     """Best at step 1, stopped at step 3; a run that died after its step-2 checkpoint and resumed
     must still end with the step-1 weights (they travel in the checkpoint), bit for bit."""

@@ -436,6 +436,10 @@ class Hyperparameters(
     """Pack several short rows into one sequence (attention never crosses rows). Defaults to false."""
     precision: Precision = Precision.auto
     """Numeric precision: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping
+    them: much less activation memory (larger batches or sequences) for extra compute (each
+    block's forward runs twice). Defaults to false."""
     seed: int = Field(42, ge=0, le=2**31 - 1)
     """Seed for initialization, shuffling and dropout; a CPU run with the same seed repeats
     exactly. Defaults to 42."""

@@ -166,6 +166,14 @@ def fit(cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: li
         base_config.use_cache = False
     pad_id = next((v for v in (getattr(base_config, "pad_token_id", None),
                                getattr(base_config, "eos_token_id", None)) if isinstance(v, int)), 0)
+    if hp.gradient_checkpointing:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not getattr(inner, "supports_gradient_checkpointing", False):
+            raise InvalidSpec(f"{type(inner).__name__} does not support gradient checkpointing; set "
+                              "hyperparameters.gradientCheckpointing false",
+                              field="spec.hyperparameters.gradientCheckpointing")
+        # non-reentrant: works with frozen inputs (PEFT), DDP, FSDP2, and replays dropout's RNG
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fsdp = cfg.resources.strategy is Strategy.fsdp and world > 1
     if fsdp:
         shard_model(model, device.type, world)  # before the optimizer: it must hold the sharded parameters
