@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from operator_fixtures import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -21,17 +22,6 @@ EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 INVALID_SPECS = REPO / "tests" / "data" / "invalid_specs.yaml"
 RAYJOB_SAMPLE = Path(__file__).parent / "data" / "rayjob_sample.yaml"
 GROUP, VERSION = "tailor.dev", "v1alpha1"
-
-
-def wait_until(cond, timeout: float = 30.0, interval: float = 0.3, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def load_docs(path: Path) -> list[dict]:

@@ -59,10 +59,9 @@ def run_dir_of(cfg: TrainerConfig) -> tuple[str, Optional[storage.RunMirror]]:
     ``~/.cache/tailor/runs/<hash of the URI>``) that first receives whatever the bucket already
     holds, so a rerun on a fresh pod skips finished stages and resumes from the last checkpoint."""
     try:
-        path = storage.local_path(cfg.output_uri)
-        mirror = None if path is not None else storage.RunMirror(cfg.output_uri)
+        mirror = storage.RunMirror.for_output(cfg.output_uri)
+        path = storage.local_path(cfg.output_uri) if mirror is None else mirror.local
         if mirror is not None:
-            path = mirror.local
             pulled = mirror.pull()
             if pulled:
                 log.info("output %s: %d files fetched into %s", cfg.output_uri, pulled, path)

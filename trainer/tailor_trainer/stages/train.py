@@ -503,11 +503,11 @@ def train_worker(job: dict[str, Any]) -> dict[str, Any]:
             device = ray.train.torch.get_device()  # this worker's GPU among those Ray made visible
         except Exception:  # noqa: BLE001 - local mode without a GPU context: fit() decides
             device = None
-    run_dir, model_dir, mirror = job["runDir"], job["modelDir"], None
-    if job.get("remoteOutput"):
+    run_dir, model_dir = job["runDir"], job["modelDir"]
+    mirror = storage.RunMirror.for_output(cfg.output_uri)
+    if mirror is not None:
         # s3 output: this worker's copy of the run directory (on another node than the driver it
         # starts empty): the prepared data, and the checkpoints to resume from
-        mirror = storage.RunMirror(cfg.output_uri)
         run_dir = mirror.local
         if not os.path.exists(os.path.join(run_dir, "prep", "manifest.json")):
             mirror.pull("prep")
@@ -551,7 +551,6 @@ def run_train(ctx: StageContext) -> dict[str, Any]:
         # cpusPerWorker threads, in local mode too: on a shared machine extra OpenMP threads that
         # wait for busy cores make a step many times slower, not faster.
         "threads": max(1, int(res.cpus_per_worker)),
-        "remoteOutput": ctx.mirror is not None,
     }
     run_config = RunConfig(name=f"{cfg.run.name}-train", storage_path=os.path.join(train_dir, "ray"),
                            failure_config=FailureConfig(max_failures=0))
