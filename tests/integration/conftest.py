@@ -13,70 +13,15 @@ import re
 import secrets
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from operator_fixtures import TESTENV, ControlPlane
+
 REPO = Path(__file__).resolve().parents[2]
-TESTENV = REPO / "scripts" / "testenv"
-LOG_NAMES = ("kube-apiserver", "kube-controller-manager", "etcd", "ray-operator")
 
 _ACTIVE: dict = {}  # the session's ControlPlane, for the failure hook
-
-
-@dataclass
-class ControlPlane:
-    dir: Path
-    kubeconfig: Path
-    server: str
-    bin_dir: Path
-    kubeconfigs: dict = field(default_factory=dict)  # identity -> kubeconfig path
-    users: dict = field(default_factory=dict)  # identity -> user name the API server sees
-    env: dict = field(default_factory=dict)  # os.environ + KUBECONFIG + PATH with bin_dir first
-    startup_seconds: float = 0.0
-
-    def run(self, argv: list[str], *, user: str = "admin", input: str | None = None, check: bool = False,
-            timeout: float = 120) -> subprocess.CompletedProcess:
-        env = dict(self.env, KUBECONFIG=str(self.kubeconfigs[user]))
-        return subprocess.run(argv, input=input, env=env, capture_output=True, text=True, timeout=timeout,
-                              check=check)
-
-    def kubectl(self, *args: str, user: str = "admin", input: str | None = None, check: bool = False,
-                timeout: float = 120) -> subprocess.CompletedProcess:
-        r = self.run([str(self.bin_dir / "kubectl"), *args], user=user, input=input, timeout=timeout)
-        if check and r.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({r.returncode}):\n{r.stderr}{r.stdout}")
-        return r
-
-    def helm(self, *args: str, user: str = "admin", check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
-        r = self.run([str(self.bin_dir / "helm"), *args], user=user, timeout=timeout)
-        if check and r.returncode != 0:
-            raise AssertionError(f"helm {' '.join(args)} failed ({r.returncode}):\n{r.stderr}{r.stdout}")
-        return r
-
-    def api_client(self, user: str = "admin"):
-        from kubernetes import config as kconfig
-        return kconfig.new_client_from_config(config_file=str(self.kubeconfigs[user]))
-
-    def log_tails(self, lines: int = 60) -> str:
-        out = []
-        for n in LOG_NAMES:
-            p = self.dir / "logs" / f"{n}.log"
-            if p.is_file():
-                text = p.read_text(errors="replace").splitlines()[-lines:]
-                out.append(f"----- {p} (last {len(text)} lines) -----\n" + "\n".join(text))
-        return "\n".join(out)
-
-    def start_kuberay(self) -> None:
-        r = subprocess.run([str(TESTENV), "kuberay-up", "--dir", str(self.dir)], capture_output=True, text=True,
-                           env=self.env, timeout=180)
-        if r.returncode != 0:
-            pytest.fail(f"`scripts/testenv kuberay-up` failed:\n{r.stderr}\n{self.log_tails(40)}")
-
-    def stop_kuberay(self) -> None:
-        subprocess.run([str(TESTENV), "kuberay-down", "--dir", str(self.dir)], capture_output=True, text=True,
-                       env=self.env, timeout=60)
 
 
 def _bin_dir() -> Path:
