@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    install into .venv, then fine-tune the quickstart FineTuneJob locally (no cluster)
-#   make test   install into .venv, build/reuse the test control plane, run the whole test suite
+#   make test   install into .venv, build/reuse the test cluster's binaries and the images, run the
+#               whole test suite (the node tests need root and Debian's containerd, runc, CNI plugins,
+#               podman and mmdebstrap: `make node-deps` installs them)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +14,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test venv crds lint testenv bench clean
+.PHONY: run test venv crds lint testenv images node-deps bench clean
+
+# Debian packages for the test node and the image builds (docs/testenv.md, docs/images.md).
+NODE_DEPS := containerd runc containernetworking-plugins iptables conntrack podman buildah mmdebstrap gcc libc6-dev
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +34,15 @@ run: $(STAMP)
 testenv:
 	scripts/testenv build
 
-test: $(STAMP) testenv
+node-deps:
+	@missing=$$(for p in $(NODE_DEPS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+
+images: $(STAMP) node-deps
+	scripts/images build
+
+test: $(STAMP) node-deps testenv images
 	$(BIN)/python -m pytest
 
 crds: $(STAMP)
