@@ -28,6 +28,9 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "Pod": ("", "v1", "pods"),
     "Event": ("", "v1", "events"),
     "Job": ("batch", "v1", "jobs"),
+    "ServiceAccount": ("", "v1", "serviceaccounts"),
+    "Role": ("rbac.authorization.k8s.io", "v1", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io", "v1", "rolebindings"),
 }
 
 
@@ -129,6 +132,17 @@ class Cluster:
             if existing is None:  # deleted in between: try once more
                 return self.create(obj), True
             return existing, False
+
+    def ensure(self, obj: dict[str, Any]) -> bool:
+        """Create the object unless one of that name exists; an existing one is never changed,
+        whoever manages it. True if this call created it. Needs `get` and `create` on the kind."""
+        if self.get(obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]) is not None:
+            return False
+        try:
+            self.create(obj)
+        except Conflict:
+            return False  # created meanwhile by someone else
+        return True
 
     def apply(self, obj: dict[str, Any], *, keep_data: bool = False) -> dict[str, Any]:
         """Create, or replace the existing object's labels/annotations/data/spec (ConfigMaps of a run).

@@ -1,8 +1,9 @@
 """`tailor operator`: run the kopf operator with Tailor's handlers, metrics and liveness endpoint.
 
 Settings that shape children come from `TAILOR_*` environment variables (one per
-`OperatorSettings` field, e.g. TAILOR_TRAINER_IMAGE, TAILOR_DATASET_BACKEND=local,
-TAILOR_LOCAL_MAX_CONCURRENT=2, TAILOR_BACKOFF_BASE_SECONDS=10); process settings too:
+`OperatorSettings` field, e.g. TAILOR_TRAINER_IMAGE, TAILOR_TRAINER_IMAGE_PULL_POLICY=Always,
+TAILOR_VALIDATION_CPU=250m, TAILOR_DATASET_BACKEND=local, TAILOR_LOCAL_MAX_CONCURRENT=2,
+TAILOR_BACKOFF_BASE_SECONDS=10); process settings too:
 TAILOR_WORKDIR (local runs), TAILOR_RESYNC_SECONDS (timer), TAILOR_WORKERS (reconcile threads).
 The Helm chart sets them from values.yaml.
 """
@@ -68,6 +69,8 @@ def run_operator(namespaces: list[str], all_namespaces: bool, metrics_port: int,
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+    # kubelet probes hit /healthz every few seconds: one access-log line each drowns the log
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if not namespaces and not all_namespaces:
         pod_namespace = os.environ.get("POD_NAMESPACE")
         namespaces = [pod_namespace] if pod_namespace else []

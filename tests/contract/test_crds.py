@@ -84,10 +84,10 @@ def _openapi_to_jsonschema(node: Any) -> Any:
     return out
 
 
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))  # examples/cluster/ too
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(ROOT / "examples")))
 def test_examples_match_generated_schema(path: Path) -> None:
     crds = {c["spec"]["names"]["kind"]: c for c in crdgen.build_crds().values()}
     text = path.read_text()

@@ -45,15 +45,37 @@ def test_default_install_is_cluster_wide_with_probes_and_metrics(control_plane) 
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["TAILOR_TRAINER_IMAGE"] == "ghcr.io/tailor-dev/tailor-trainer:0.1.0"
+    assert env["TAILOR_TRAINER_IMAGE_PULL_POLICY"] == "IfNotPresent"
+    assert env["TAILOR_RAY_VERSION"] == "2.60.0"  # tests/contract/test_versions.py: = requirements.lock
+    assert (env["TAILOR_VALIDATION_CPU"], env["TAILOR_VALIDATION_MEMORY"]) == ("1", "2Gi")
+    assert env["TAILOR_TRAINER_SERVICE_ACCOUNT"] == "tailor-trainer"
     assert env["TAILOR_DATASET_BACKEND"] == "kuberay"
     assert pod["serviceAccountName"] == "tailor" and deploy["spec"]["replicas"] == 1
+    # a read-only root filesystem: HOME, the workdir and /tmp are emptyDirs; no .pyc writes
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert env["HOME"] == "/tmp" and env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp", env["TAILOR_WORKDIR"]}
     assert deploy["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "8080"
     svc = _find(docs, "Service")[0]
     assert svc["spec"]["ports"][0]["name"] == "metrics"
     rules = _find(docs, "ClusterRole")[0]["rules"]
     assert any("rayjobs" in r["resources"] and "create" in r["verbs"] for r in rules)
     assert any("finetunejobs/status" in r["resources"] for r in rules)
+    # the trainer's ServiceAccount/Role/RoleBinding, created by the operator where missing
+    assert {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "create"]} in rules
+    assert {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
+            "verbs": ["get", "create"]} in rules
+    assert not _find(docs, "Role") and not _find(docs, "ServiceAccount", "tailor-trainer")
+
+
+def test_trainer_pod_settings_are_values(control_plane) -> None:
+    docs = _render(control_plane, "--set", "trainer.imagePullPolicy=Always", "--set", "trainer.validation.cpu=250m",
+                   "--set", "trainer.validation.memory=1Gi", "--set", "trainer.headCpu=500m")
+    env = {e["name"]: e.get("value")
+           for e in _find(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TAILOR_TRAINER_IMAGE_PULL_POLICY"] == "Always"
+    assert (env["TAILOR_VALIDATION_CPU"], env["TAILOR_VALIDATION_MEMORY"], env["TAILOR_HEAD_CPU"]) == (
+        "250m", "1Gi", "500m")
 
 
 def test_watch_namespaces_use_roles_instead_of_cluster_rules(control_plane) -> None:
@@ -86,7 +108,8 @@ def test_service_monitor_is_opt_in(control_plane) -> None:
 
 
 def test_values_schema_rejects_bad_values(control_plane) -> None:
-    for bad in ("operator.datasetBackend=gpu", "operator.workers=0", "trainer.headMemory=lots", "unknownKey=1"):
+    for bad in ("operator.datasetBackend=gpu", "operator.workers=0", "trainer.headMemory=lots", "unknownKey=1",
+                "trainer.imagePullPolicy=Sometimes", "trainer.validation.cpu=lots", "trainer.validation.gpu=1"):
         r = control_plane.helm("template", "tailor", str(CHART), "--set", bad)
         assert r.returncode != 0 and "schema" in (r.stderr + r.stdout).lower(), (bad, r.stderr)
 
@@ -107,12 +130,25 @@ def test_chart_crds_are_the_generated_ones() -> None:
         assert (CHART / "crds" / path.name).read_text() == path.read_text(), path.name
 
 
+def _install(cp, *args: str):
+    r = cp.helm("install", "tailor", str(CHART), "-n", RELEASE_NS, "--create-namespace", "--skip-crds", *args)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
 @pytest.fixture
 def installed(control_plane, namespace):
-    r = control_plane.helm("install", "tailor", str(CHART), "-n", RELEASE_NS, "--create-namespace", "--skip-crds",
-                           "--set", f"trainer.serviceAccount.namespaces={{{namespace}}}")
-    assert r.returncode == 0, r.stderr
+    """The chart owns the trainer ServiceAccount in `namespace` (trainer.serviceAccount.namespaces)."""
+    _install(control_plane, "--set", f"trainer.serviceAccount.namespaces={{{namespace}}}")
     yield control_plane
+    control_plane.helm("uninstall", "tailor", "-n", RELEASE_NS, "--wait", "--timeout", "60s")
+
+
+@pytest.fixture
+def installed_default(control_plane):
+    """The chart as users install it: no trainer ServiceAccount anywhere until the operator makes one."""
+    r = _install(control_plane)
+    yield control_plane, r.stdout
     control_plane.helm("uninstall", "tailor", "-n", RELEASE_NS, "--wait", "--timeout", "60s")
 
 
@@ -144,5 +180,98 @@ def test_operator_runs_with_exactly_the_charts_rbac(installed, k8s_client, names
         wait_until(lambda: kube.get("FineTuneJob", "rbac") is None and kube.get("RayJob", "rbac-r1") is None, 30,
                    what="finalizer cleanup", on_timeout=operator.log_tail)
         assert "Forbidden" not in Path(operator.log_path).read_text()
+        # the chart owns the trainer's ServiceAccount here: the operator found it and left it alone
+        for kind in ("ServiceAccount", "Role", "RoleBinding"):
+            assert kube.get(kind, "tailor-trainer")["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+        assert "TrainerAccessCreated" not in kube.event_reasons("tickets") + kube.event_reasons("rbac")
     finally:
         operator.stop()
+
+
+def test_operator_creates_the_trainer_account_with_the_charts_rbac(installed_default, k8s_client, namespace,
+                                                                    tmp_path) -> None:
+    """Default install (trainer.serviceAccount.namespaces empty), a namespace nobody prepared: the
+    operator, as the chart's ServiceAccount, creates the trainer's ServiceAccount, Role and
+    RoleBinding before the validation Job. The API server lets it create a Role granting
+    configmaps get/create/update/patch only because it holds those itself."""
+    cp, install_output = installed_default
+    assert "examples/cluster" in install_output and "quickstart" not in install_output  # NOTES.txt
+    cp.stop_kuberay()
+    kube = Kube(k8s_client, namespace)
+    assert kube.get("ServiceAccount", "tailor-trainer") is None
+    operator = OperatorProcess(cp.kubeconfigs["tailor"], tmp_path / "op",
+                               env={"TAILOR_TRAINER_SERVICE_ACCOUNT": "tailor-trainer"}).start()
+    try:
+        kube.apply(dataset_manifest("tickets"))
+        job = wait_until(lambda: next(iter(kube.list("Job", {"tailor.dev/dataset": "tickets"})), None), 30,
+                         what="validation Job", on_timeout=operator.log_tail)
+        assert job["spec"]["template"]["spec"]["serviceAccountName"] == "tailor-trainer"
+        sa, role, binding = (kube.get(k, "tailor-trainer") for k in ("ServiceAccount", "Role", "RoleBinding"))
+        for obj in (sa, role, binding):
+            assert obj is not None and obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "tailor"
+        assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                                  "verbs": ["get", "create", "update", "patch"]}]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tailor-trainer", "namespace": namespace}]
+        assert binding["roleRef"]["name"] == "tailor-trainer"
+        wait_until(lambda: "TrainerAccessCreated" in kube.event_reasons("tickets"), 10, what="event")
+        # the trainer account can do what the trainer does, and no more
+        trainer = f"system:serviceaccount:{namespace}:tailor-trainer"
+        for verb, allowed in (("patch", "yes"), ("create", "yes"), ("get", "yes"), ("delete", "no"), ("list", "no")):
+            r = cp.kubectl("auth", "can-i", verb, "configmaps", "-n", namespace, "--as", trainer)
+            assert r.stdout.strip() == allowed, (verb, r.stdout, r.stderr)
+        kube.publish_validation("tickets", ready_result())
+        wait_until(lambda: kube.condition("Dataset", "tickets", "Ready").get("status") == "True", 30,
+                   what="Ready", on_timeout=operator.log_tail)
+        kube.apply(job_manifest("fresh"))
+        rayjob = wait_until(lambda: kube.get("RayJob", "fresh-r1"), 30, what="RayJob", on_timeout=operator.log_tail)
+        assert rayjob["spec"]["submitterPodTemplate"]["spec"]["serviceAccountName"] == "tailor-trainer"
+        assert kube.event_reasons("fresh").count("TrainerAccessCreated") == 0  # present already: nothing to do
+        log = Path(operator.log_path).read_text()
+        assert "Forbidden" not in log and "TrainerAccessFailed" not in log
+    finally:
+        operator.stop()
+
+
+def test_missing_operator_permission_is_named_and_retried(control_plane, k8s_client, namespace, tmp_path) -> None:
+    """The chart's operator rules without `create serviceaccounts` (bound to test user bob): the
+    Dataset says which permission is missing (condition + Warning event) and no validation Job
+    appears; once the permission is granted, the next try creates everything."""
+    rules = _find(_render(control_plane), "ClusterRole", "tailor")[0]["rules"]
+    limited = [r for r in rules if r["resources"] != ["serviceaccounts"]]
+    assert len(limited) == len(rules) - 1
+    name = f"tailor-limited-{namespace}"[:63]
+
+    def bind(role_rules: list[dict]) -> None:
+        docs = [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+                 "rules": role_rules},
+                {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                 "metadata": {"name": name},
+                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                 "subjects": [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "bob"}]}]
+        control_plane.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs), check=True)
+
+    bind(limited)
+    cp = control_plane
+    cp.stop_kuberay()
+    kube = Kube(k8s_client, namespace)
+    operator = OperatorProcess(cp.kubeconfigs["bob"], tmp_path / "op", namespaces=[namespace],
+                               env={"TAILOR_TRAINER_SERVICE_ACCOUNT": "tailor-trainer"}).start()
+    try:
+        kube.apply(dataset_manifest("tickets"))
+        ready = wait_until(lambda: (c := kube.condition("Dataset", "tickets", "Ready")).get("reason")
+                           == "TrainerAccessFailed" and c, 30, what="TrainerAccessFailed", on_timeout=operator.log_tail)
+        assert ready["status"] == "False"
+        assert 'get and create on serviceaccounts (API group "")' in ready["message"], ready["message"]
+        assert "TrainerAccessFailed" in kube.event_reasons("tickets")
+        assert kube.list("Job", {"tailor.dev/dataset": "tickets"}) == []
+        assert kube.get("ServiceAccount", "tailor-trainer") is None
+        bind(rules)  # an administrator grants the permission
+        wait_until(lambda: kube.list("Job", {"tailor.dev/dataset": "tickets"}), 40, what="validation Job after the fix",
+                   on_timeout=operator.log_tail)
+        assert kube.get("ServiceAccount", "tailor-trainer") is not None
+        assert kube.condition("Dataset", "tickets", "Validating")["reason"] == "Validating"
+        assert kube.condition("Dataset", "tickets", "Ready")["status"] == "Unknown"
+        assert kube.event_reasons("tickets").count("TrainerAccessFailed") == 1  # once per transition
+    finally:
+        operator.stop()
+        cp.kubectl("delete", "clusterrolebinding,clusterrole", name, "--ignore-not-found")

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 CRDS = {"finetunejobs": REPO / "crds" / "tailor.dev_finetunejobs.yaml",
         "datasets": REPO / "crds" / "tailor.dev_datasets.yaml"}
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+EXAMPLES = sorted((REPO / "examples").rglob("*.yaml"))  # examples/cluster/ too
 INVALID_SPECS = REPO / "tests" / "data" / "invalid_specs.yaml"
 RAYJOB_SAMPLE = Path(__file__).parent / "data" / "rayjob_sample.yaml"
 GROUP, VERSION = "tailor.dev", "v1alpha1"
@@ -132,7 +132,7 @@ def test_kubectl_explain_shows_field_docs(control_plane):
 
 # ------------------------------------------------------------------------------------- examples
 
-@pytest.mark.parametrize("path", EXAMPLES or [None], ids=[p.name for p in EXAMPLES] or ["examples-missing"])
+@pytest.mark.parametrize("path", EXAMPLES or [None], ids=[str(p.relative_to(REPO / "examples")) for p in EXAMPLES] or ["examples-missing"])
 def test_example_passes_server_dry_run(control_plane, namespace, path):
     assert path is not None, "no examples/*.yaml in the repo"
     r = control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path))

@@ -50,7 +50,7 @@ def test_validate_typo_is_not_silently_ignored(tmp_path: Path) -> None:
 
 
 def test_validate_examples_pass() -> None:
-    result = _tailor("validate", *map(str, sorted((ROOT / "examples").glob("*.yaml"))))
+    result = _tailor("validate", *map(str, sorted((ROOT / "examples").rglob("*.yaml"))))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok: ")
 

@@ -103,7 +103,7 @@ def _job_observed(doc: dict[str, Any]) -> JobObserved:
     dataset = Dataset.model_validate(doc["dataset"]) if doc.get("dataset") else None
     return JobObserved(dataset=dataset, runs=runs, inline_data=obs.get("inlineData"),
                        model_config=obs.get("modelConfig"), local_slots=obs.get("localSlots"),
-                       target_model_uri=obs.get("targetModelUri"))
+                       target_model_uri=obs.get("targetModelUri"), trainer_access_error=obs.get("trainerAccessError"))
 
 
 def _dataset_observed(doc: dict[str, Any]) -> DatasetObserved:
@@ -118,7 +118,8 @@ def _dataset_observed(doc: dict[str, Any]) -> DatasetObserved:
     return DatasetObserved(fingerprint=obs.get("fingerprint"), validation=validation,
                            other_validations=tuple(obs.get("otherValidations") or ()),
                            inline_data=obs.get("inlineData"),
-                           source_error=(error["reason"], error["message"]) if error else None)
+                           source_error=(error["reason"], error["message"]) if error else None,
+                           trainer_access_error=obs.get("trainerAccessError"))
 
 
 def _check(case: Path, got: dict[str, Any]) -> None:

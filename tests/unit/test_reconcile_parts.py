@@ -137,6 +137,47 @@ def test_trainer_error_reason_wins_for_a_failed_rayjob() -> None:
     assert (obs.state, obs.reason) == (RunState.failed, "Diverged")
 
 
+def _running_rayjob(started: str | None = "2026-03-02T10:05:00Z") -> dict:
+    status = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    if started:
+        status["rayJobInfo"] = {"startTime": started}
+    return {"metadata": {"name": "j-r1", "annotations": {"tailor.dev/attempt": "1"}}, "status": status}
+
+
+def _head(name: str = "j-r1-head-a", created: str = "2026-03-02T10:00:00Z", **extra) -> dict:
+    meta = {"name": name, "creationTimestamp": created, "labels": {"ray.io/node-type": "head"}}
+    meta.update(extra.pop("meta", {}))
+    return {"metadata": meta, "status": extra}
+
+
+def _worker() -> dict:
+    return {"metadata": {"name": "j-r1-workers-worker-x", "creationTimestamp": "2026-03-02T10:00:00Z",
+                         "labels": {"ray.io/node-type": "worker"}}, "status": {}}
+
+
+@pytest.mark.parametrize("pods,why", [
+    ([_head(meta={"deletionTimestamp": "2026-03-02T10:06:00Z"}), _worker()], "is being deleted"),
+    ([_worker()], "is gone"),
+    ([_head("j-r1-head-b", created="2026-03-02T10:06:30Z"), _worker()], "was replaced"),
+    ([_head(containerStatuses=[{"name": "ray-head", "restartCount": 1}]), _worker()], "restarted"),
+])
+def test_a_lost_ray_head_fails_the_attempt_while_kuberay_still_says_running(pods, why) -> None:
+    """KubeRay keeps a RayJob RUNNING after its head pod was deleted or replaced (seen on a real
+    node); the Ray job and its driver died with the head, so the attempt is over (and retried)."""
+    obs = observe_rayjob(_running_rayjob(), None, pods)
+    assert (obs.state, obs.reason) == (RunState.failed, "RayHeadLost")
+    assert why in obs.message
+
+
+def test_a_healthy_or_still_starting_head_is_not_lost() -> None:
+    healthy = [_head(containerStatuses=[{"name": "ray-head", "restartCount": 0}]), _worker()]
+    assert observe_rayjob(_running_rayjob(), None, healthy).state is RunState.running
+    # the Ray job has not started yet: a missing or new head is the cluster coming up
+    assert observe_rayjob(_running_rayjob(started=None), None, [_worker()]).reason != "RayHeadLost"
+    # pods not read (None): no judgement
+    assert observe_rayjob(_running_rayjob(), None, None).state is RunState.running
+
+
 # ---------------------------------------------------------------------------- settings
 
 def test_settings_from_env() -> None:
@@ -144,8 +185,11 @@ def test_settings_from_env() -> None:
 
     s = settings_from_env({"TAILOR_TRAINER_IMAGE": "x/y:1", "TAILOR_DATASET_BACKEND": "local",
                            "TAILOR_LOCAL_MAX_CONCURRENT": "3", "TAILOR_BACKOFF_BASE_SECONDS": "0.5",
-                           "TAILOR_UNRELATED": "1"})
+                           "TAILOR_TRAINER_IMAGE_PULL_POLICY": "Always", "TAILOR_VALIDATION_CPU": "250m",
+                           "TAILOR_VALIDATION_MEMORY": "1Gi", "TAILOR_UNRELATED": "1"})
     assert s.trainer_image == "x/y:1" and s.dataset_backend is Backend.local
+    assert s.rayjob_options().image_pull_policy == s.inspect_options().image_pull_policy == "Always"
+    assert (s.inspect_options().cpu, s.inspect_options().memory) == ("250m", "1Gi")
     assert s.local_max_concurrent == 3 and s.backoff_base_seconds == 0.5
     assert s.backoff_seconds(1) == 0.5 and s.backoff_seconds(3) == 2.0
     assert OperatorSettings(backoff_max_seconds=30).backoff_seconds(10) == 30

@@ -57,4 +57,12 @@ app.kubernetes.io/component: operator
 - apiGroups: [serving.kserve.io]
   resources: [inferenceservices]
   verbs: [get, patch]
+# The trainer's ServiceAccount, Role and RoleBinding, created where missing (never changed). The
+# Role grants configmaps get/create/update/patch, which the operator must hold itself (above).
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get, create]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, create]
 {{- end -}}

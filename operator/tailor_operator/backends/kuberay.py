@@ -1,8 +1,8 @@
 """KubeRay backend: runs are RayJobs, Dataset validations are batch/v1 Jobs (through the Cluster).
 
 Reads are kept to what the reconcile needs: one label-selected RayJob list per job, the progress
-ConfigMap of the current run only, and its pods only while the run is not (or no longer) running
-normally, which is when a pod-level reason is worth finding.
+ConfigMap of the current run only, and its pods until the run has succeeded (a pod-level reason
+while it starts or fails; a lost Ray head while it runs).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from tailor_operator.reconcile.observe import (
 )
 from tailor_operator.reconcile.plan import StartRun, StartValidation
 
-_HEALTHY = {("Running", "RUNNING"), ("Complete", "SUCCEEDED")}
 # Deployment states in which the trainer may have written a progress document.
 _TRAINER_STARTED = {"Running", "Complete", "Failed", "ValidationFailed"}
 
@@ -69,7 +68,8 @@ class KubeRayBackend:
             if name in (current, following):
                 if deployment in _TRAINER_STARTED or status.get("jobStatus"):
                     progress = parse_progress(self.cluster.get("ConfigMap", ns, progress_config_map_name(name)))
-                if deployment and (deployment, status.get("jobStatus")) not in _HEALTHY:
+                # while it runs too: a lost Ray head shows only in the pods (KubeRay keeps RUNNING)
+                if deployment and (deployment, status.get("jobStatus")) != ("Complete", "SUCCEEDED"):
                     pods = self.cluster.list("Pod", ns, {LABEL_RUN: name})
             runs[name] = observe_rayjob(rayjob, progress, pods)
         return runs

@@ -4,6 +4,7 @@ The ConfigMap `<key>` holds the input (`dataset.json`, a ResolvedDataset) and a 
 `publish.py`; the pod runs `python -m tailor_trainer inspect` and publishes the status JSON it
 wrote into the same ConfigMap under `status.json`, which is where the operator reads the result.
 A Dataset that is not Ready is a result, not a pod failure: the pod exits 0 once it published.
+The pod carries the restricted-PSS securityContexts of `builders/podsecurity.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any, Optional
 from tailor_operator.api.v1alpha1 import Dataset
 from tailor_operator.builders.labels import ANNOTATION_REVISION, LABEL_NAME, dataset_labels, object_meta
 from tailor_operator.builders.naming import safe_name
-from tailor_operator.builders.rayjob import PVC_ROOT, SECRETS_DIR, pvc_claim
+from tailor_operator.builders.podsecurity import container_security_context, pod_security_context
+from tailor_operator.builders.rayjob import PVC_ROOT, SECRETS_DIR, cpu_pool_placement, pvc_claim
 from tailor_trainer.config import ResolvedDataset
 
 INPUT_KEY = "dataset.json"
@@ -52,11 +54,14 @@ COMMAND = (
 @dataclass(frozen=True)
 class InspectJobOptions:
     image: str = "ghcr.io/tailor-dev/tailor-trainer:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
     service_account: Optional[str] = None
     ttl_seconds: int = 600
     cpu: str = "1"
     memory: str = "2Gi"
     deadline_seconds: int = 3600
+    cpu_pool_node_selector: Optional[dict[str, str]] = None
+    cpu_pool_tolerations: Optional[list[dict[str, Any]]] = None
 
 
 def render_dataset(resolved: ResolvedDataset) -> str:
@@ -84,6 +89,7 @@ def build_inspect_job(dataset: Dataset, key: str, options: InspectJobOptions) ->
     container: dict[str, Any] = {
         "name": "inspect",
         "image": options.image,
+        "imagePullPolicy": options.image_pull_policy,
         "command": ["sh", "-c", COMMAND],
         "env": [{"name": "TAILOR_RESULT_CONFIGMAP", "value": key}],
     }
@@ -98,10 +104,13 @@ def build_inspect_job(dataset: Dataset, key: str, options: InspectJobOptions) ->
         mounts.append({"name": safe_name("pvc-", claim), "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True})
     container["resources"] = {"requests": {"cpu": options.cpu, "memory": options.memory},
                               "limits": {"cpu": options.cpu, "memory": options.memory}}
+    container["securityContext"] = container_security_context()
     container["volumeMounts"] = mounts
     pod: dict[str, Any] = {"restartPolicy": "Never"}
     if options.service_account:
         pod["serviceAccountName"] = options.service_account
+    pod["securityContext"] = pod_security_context()
+    cpu_pool_placement(pod, options.cpu_pool_node_selector, options.cpu_pool_tolerations)
     pod["containers"] = [container]
     pod["volumes"] = volumes
     return {

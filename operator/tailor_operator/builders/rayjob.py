@@ -4,6 +4,12 @@ The RayJob runs `python -m tailor_trainer run --config /etc/tailor/config.json` 
 (CPU only) with one worker group of `workers` pods (DDP ranks) on the GPU pool. Retries are the
 operator's (KubeRay's own backoffLimit would rebuild the cluster blind to checkpoints), so the
 RayJob's `backoffLimit` is 0 and the attempt number is an annotation.
+
+Every pod (head, workers, and the submitter pod that runs `ray job submit`) carries the
+securityContexts of `builders/podsecurity.py`, so a namespace enforcing the `restricted` Pod
+Security Standard admits them. The submitter pod template is ours, not KubeRay's default (which has
+no securityContext and requests half a CPU): its container has no command, so KubeRay fills in the
+`ray job submit` command line.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from tailor_operator.builders.labels import (
     run_labels,
 )
 from tailor_operator.builders.naming import config_map_name, safe_name
+from tailor_operator.builders.podsecurity import container_security_context, pod_security_context
 
 CONFIG_DIR = "/etc/tailor"
 CONFIG_PATH = f"{CONFIG_DIR}/config.json"
@@ -35,6 +42,15 @@ PVC_ROOT = "/mnt/pvc"
 # on the image's filesystem.
 RUN_CACHE_DIR = "/var/lib/tailor/runs"
 GPU = "nvidia.com/gpu"
+# KubeRay looks the submitter up by this container name (utils.SubmitterContainerName).
+SUBMITTER_CONTAINER = "ray-job-submitter"
+# `ray job submit` only submits and tails logs: a tenth of a CPU is plenty.
+SUBMITTER_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+# KubeRay runs Ray as `/bin/bash -lc "ulimit ...; ray start ... --block"`: bash is PID 1 and does not
+# pass SIGTERM on, so a deleted Ray pod sat out the whole default 30 s grace period (measured on a
+# real node). Nothing is saved on SIGTERM (checkpoints are written at their steps), so waiting
+# longer only keeps GPUs and the run's name busy.
+RAY_POD_GRACE_SECONDS = 10
 
 
 @dataclass(frozen=True)
@@ -42,11 +58,16 @@ class RayJobOptions:
     """Installation-wide choices (operator settings) that shape every RayJob."""
 
     image: str = "ghcr.io/tailor-dev/tailor-trainer:0.1.0"
-    ray_version: str = "2.47.1"
+    image_pull_policy: str = "IfNotPresent"
+    ray_version: str = "2.60.0"
     service_account: Optional[str] = None
     head_cpu: str = "1"
     head_memory: str = "4Gi"
     cluster_ttl_seconds: int = 300
+    cpu_pool_node_selector: Optional[dict[str, str]] = None
+    """Where the CPU-only pods of a run go (the Ray head and the submitter): the installation's
+    CPU pool. The workers go where the job's own nodeSelector/tolerations say."""
+    cpu_pool_tolerations: Optional[list[dict[str, Any]]] = None
 
 
 def pvc_claim(uri: Optional[str]) -> Optional[str]:
@@ -101,14 +122,43 @@ def _storage(job: FineTuneJob, dataset: Optional[Dataset],
     return volumes, mounts, env_from
 
 
-def _container(name: str, image: str, env: list[dict], env_from: list[dict], mounts: list[dict],
-               resources: dict[str, Any]) -> dict[str, Any]:
-    container: dict[str, Any] = {"name": name, "image": image, "env": copy.deepcopy(env)}
+def _container(name: str, image: str, pull_policy: str, env: list[dict], env_from: list[dict],
+               mounts: list[dict], resources: dict[str, Any]) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": name, "image": image, "imagePullPolicy": pull_policy,
+                                 "env": copy.deepcopy(env)}
     if env_from:
         container["envFrom"] = copy.deepcopy(env_from)
     container["resources"] = copy.deepcopy(resources)
+    container["securityContext"] = container_security_context()
     container["volumeMounts"] = copy.deepcopy(mounts)
     return container
+
+
+def cpu_pool_placement(pod: dict[str, Any], node_selector: Optional[dict[str, str]],
+                       tolerations: Optional[list[dict[str, Any]]]) -> None:
+    """Put a CPU-only pod (Ray head, submitter, Dataset validation) on the installation's CPU pool."""
+    if node_selector:
+        pod["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod["tolerations"] = copy.deepcopy(tolerations)
+
+
+def _submitter_template(image: str, labels: dict[str, str], options: RayJobOptions) -> dict[str, Any]:
+    """The pod that runs `ray job submit` against the head (K8sJobMode): no command, so KubeRay
+    writes it; restricted-PSS securityContexts and a small request instead of KubeRay's default."""
+    pod: dict[str, Any] = {"restartPolicy": "Never"}
+    if options.service_account:
+        pod["serviceAccountName"] = options.service_account
+    pod["securityContext"] = pod_security_context()
+    cpu_pool_placement(pod, options.cpu_pool_node_selector, options.cpu_pool_tolerations)
+    pod["containers"] = [{
+        "name": SUBMITTER_CONTAINER,
+        "image": image,
+        "imagePullPolicy": options.image_pull_policy,
+        "resources": copy.deepcopy(SUBMITTER_RESOURCES),
+        "securityContext": container_security_context(),
+    }]
+    return {"metadata": {"labels": dict(labels)}, "spec": pod}
 
 
 def build_rayjob(
@@ -164,6 +214,8 @@ def build_rayjob(
             pod["serviceAccountName"] = options.service_account
         if res.priority_class_name:
             pod["priorityClassName"] = res.priority_class_name
+        pod["securityContext"] = pod_security_context()
+        pod["terminationGracePeriodSeconds"] = RAY_POD_GRACE_SECONDS
         if placement:
             if res.node_selector:
                 pod["nodeSelector"] = dict(res.node_selector)
@@ -171,12 +223,15 @@ def build_rayjob(
                 pod["tolerations"] = [t.to_wire() for t in res.tolerations]
             if res.affinity:
                 pod["affinity"] = res.affinity
+        else:
+            cpu_pool_placement(pod, options.cpu_pool_node_selector, options.cpu_pool_tolerations)
         pod["containers"] = [copy.deepcopy(container)]
         pod["volumes"] = copy.deepcopy(volumes + extra_volumes)
         return pod
 
-    head = _container("ray-head", image, env, env_from, mounts, head_resources)
-    worker = _container("ray-worker", image, env, env_from,
+    pull = options.image_pull_policy
+    head = _container("ray-head", image, pull, env, env_from, mounts, head_resources)
+    worker = _container("ray-worker", image, pull, env, env_from,
                         mounts + [{"name": "dshm", "mountPath": "/dev/shm"}], worker_resources)
     shm = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
 
@@ -189,6 +244,7 @@ def build_rayjob(
     }
     if spec.active_deadline_seconds:
         rayjob_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    rayjob_spec["submitterPodTemplate"] = _submitter_template(image, pod_labels, options)
     rayjob_spec["rayClusterSpec"] = {
         "rayVersion": options.ray_version,
         "headGroupSpec": {

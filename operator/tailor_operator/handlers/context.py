@@ -21,8 +21,10 @@ from typing import Any, Callable, Optional
 from tailor_operator.api.v1alpha1 import Backend
 from tailor_operator.backends.kuberay import KubeRayBackend, KubeRayValidation
 from tailor_operator.backends.local import LocalBackend, LocalValidation
-from tailor_operator.cluster import Cluster
+from tailor_operator.builders.trainer_access import access_failure_message, build_trainer_access
+from tailor_operator.cluster import ApiError, Cluster
 from tailor_operator.metrics import Metrics
+from tailor_operator.reconcile.plan import Event
 from tailor_operator.reconcile.settings import OperatorSettings
 
 logger = logging.getLogger("tailor.operator")
@@ -149,6 +151,12 @@ class WorkQueue:
                 self.add_after(key, requeue)
 
 
+def access_created_event(account: Optional[str], created: list[str]) -> Event:
+    """The Normal event on the object whose reconcile created the trainer's objects."""
+    return Event("Normal", "TrainerAccessCreated",
+                 f'created {", ".join(created)} "{account}" for the trainer pods in this namespace')
+
+
 @dataclass
 class Context:
     """Everything a handler needs; built once by the runner (tests build their own)."""
@@ -250,3 +258,25 @@ class Context:
     def take_body(self, key: Key) -> Optional[dict[str, Any]]:
         with self.lock:
             return self.bodies.pop(key, None)
+
+    # ------------------------------------------------------------------------ trainer access
+
+    def ensure_trainer_access(self, namespace: str) -> tuple[list[str], Optional[str]]:
+        """Before a validation Job or RayJob in `namespace`: its pods' ServiceAccount, Role and
+        RoleBinding exist (created when missing, never changed). Returns (kinds created, None), or
+        (kinds created, what is missing) when the operator cannot create one."""
+        account = self.settings.trainer_service_account
+        if not account:
+            return [], None  # pods run as the namespace's default ServiceAccount
+        created: list[str] = []
+        for obj in build_trainer_access(namespace, account):
+            try:
+                if self.cluster.ensure(obj):
+                    created.append(obj["kind"])
+            except ApiError as e:
+                message = access_failure_message(obj, e.status, e.message)
+                logger.warning("%s", message)
+                return created, message
+        if created:
+            logger.info("created %s %s in namespace %s for trainer pods", "/".join(created), account, namespace)
+        return created, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -13,7 +14,7 @@ from tailor_operator.api.v1alpha1 import Dataset, DatasetStatus
 from tailor_operator.backends.local import fingerprint_path
 from tailor_operator.builders.events import build_event
 from tailor_operator.cluster import ApiError, Conflict
-from tailor_operator.handlers.context import Context, utcnow
+from tailor_operator.handlers.context import Context, access_created_event, utcnow
 from tailor_operator.reconcile import DatasetObserved, DatasetPlan, reconcile_dataset, validation_key
 from tailor_operator.reconcile.conditions import get_condition
 from tailor_operator.reconcile.dataset import dataset_backend, duration_seconds
@@ -25,6 +26,7 @@ logger = logging.getLogger("tailor.dataset")
 
 def sync_dataset(ctx: Context, namespace: str, name: str) -> Optional[float]:
     key = ("Dataset", namespace, name)
+    created: list[str] = []  # trainer objects this sync created: one event, even after a 409 and a retry
     for attempt in range(5):
         body = (ctx.take_body(key) if attempt == 0 else None) or ctx.cluster.get("Dataset", namespace, name)
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
@@ -37,6 +39,12 @@ def sync_dataset(ctx: Context, namespace: str, name: str) -> Optional[float]:
         now = utcnow()
         observed = observe_dataset(ctx, dataset, now)
         plan = reconcile_dataset(dataset, observed, ctx.settings, now)
+        if any(isinstance(a, StartValidation) and a.children for a in plan.actions):
+            made, error = ctx.ensure_trainer_access(namespace)
+            created += made
+            if error:  # no validation Job: its pod could not be created
+                observed = dataclasses.replace(observed, trainer_access_error=error)
+                plan = reconcile_dataset(dataset, observed, ctx.settings, now)
         old = status_body(dataset.status or DatasetStatus())
         new = status_body(plan.status)
         if old != new:
@@ -47,6 +55,8 @@ def sync_dataset(ctx: Context, namespace: str, name: str) -> Optional[float]:
                 continue
             with ctx.lock:
                 ctx.datasets[(namespace, name)] = written  # dependents see the new revision at once
+        if created:
+            plan.events.append(access_created_event(ctx.settings.trainer_service_account, created))
         _apply(ctx, dataset, body, plan)
         ready = get_condition(plan.status.conditions, "Ready")
         ctx.metrics.dataset_ready(dataset.metadata.uid or name, ready.status.value if ready else None)

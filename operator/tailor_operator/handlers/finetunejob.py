@@ -8,8 +8,10 @@ status ahead of the world and the next reconcile creates or adopts what is missi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from datetime import datetime
 from typing import Any, Optional
 
 from pydantic import ValidationError
@@ -20,7 +22,7 @@ from tailor_operator.builders.events import build_event
 from tailor_operator.builders.naming import run_name
 from tailor_operator.builders.promotion import build_inference_service_patch, build_target_config_map
 from tailor_operator.cluster import ApiError, Conflict
-from tailor_operator.handlers.context import Context, utcnow
+from tailor_operator.handlers.context import Context, access_created_event, utcnow
 from tailor_operator.metrics import bounded_reason
 from tailor_operator.reconcile import JobObserved, JobPlan, reconcile_finetunejob
 from tailor_operator.reconcile.plan import ApplyPromotion, DeleteRun, Event, StartRun, StopRun
@@ -34,6 +36,7 @@ def sync_job(ctx: Context, namespace: str, name: str) -> Optional[float]:
     """Reconcile one FineTuneJob; returns seconds until it should be looked at again (or None)."""
     key = ("FineTuneJob", namespace, name)
     body = ctx.take_body(key) or ctx.cluster.get("FineTuneJob", namespace, name)
+    created: list[str] = []  # trainer objects this sync created: one event, even after a 409 and a retry
     for _ in range(CONFLICT_RETRIES):
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             return None
@@ -43,10 +46,12 @@ def sync_job(ctx: Context, namespace: str, name: str) -> Optional[float]:
             logger.error("FineTuneJob %s/%s does not parse: %s", namespace, name, e)
             return None
         observed = observe_job(ctx, job)
-        plan = reconcile_finetunejob(job, observed, ctx.settings, utcnow())
+        plan = _reconcile(ctx, job, observed, utcnow(), created)
         written, delay, body = _write_status(ctx, job, body, plan)
         if not written:
             continue  # the object changed in a way that matters: reconcile the fresh one
+        if created:
+            plan.events.append(access_created_event(ctx.settings.trainer_service_account, created))
         _apply(ctx, job, body, plan, observed)
         ctx.metrics.job_phase(job.metadata.uid or name, plan.status.phase.value)
         if delay is not None:
@@ -55,6 +60,21 @@ def sync_job(ctx: Context, namespace: str, name: str) -> Optional[float]:
         return min(delays) if delays else None
     logger.info("FineTuneJob %s/%s keeps changing under the operator; trying again shortly", namespace, name)
     return 1.0
+
+
+def _reconcile(ctx: Context, job: FineTuneJob, observed: JobObserved, now: datetime, created: list[str]) -> JobPlan:
+    """reconcile_finetunejob; when the plan creates a RayJob, its pods' ServiceAccount is made
+    sure of first (what was created goes to `created`), and a failure to create it is
+    reconciled again as an observation."""
+    plan = reconcile_finetunejob(job, observed, ctx.settings, now)
+    if not any(isinstance(a, StartRun) and a.children for a in plan.actions):
+        return plan
+    made, error = ctx.ensure_trainer_access(job.metadata.namespace or "default")
+    created += made
+    if error:
+        plan = reconcile_finetunejob(job, dataclasses.replace(observed, trainer_access_error=error),
+                                     ctx.settings, now)
+    return plan
 
 
 def observe_job(ctx: Context, job: FineTuneJob) -> JobObserved:

@@ -26,6 +26,7 @@ from tailor_operator.api.v1alpha1 import (
 from tailor_operator.builders.inspect_job import build_inspect_config_map, build_inspect_job
 from tailor_operator.builders.labels import ANNOTATION_BACKEND
 from tailor_operator.builders.naming import validation_name
+from tailor_operator.builders.trainer_access import ACCESS_FAILED
 from tailor_operator.reconcile.conditions import FALSE, TRUE, UNKNOWN, get_condition, set_condition
 from tailor_operator.reconcile.observe import ValidationObservation
 from tailor_operator.reconcile.plan import DatasetPlan, DeleteValidation, Event, StartValidation, sooner
@@ -80,6 +81,8 @@ class DatasetObserved:
     inline_data: Optional[str] = None
     source_error: Optional[tuple[str, str]] = None
     """(reason, message) when the source cannot be read at all, e.g. its ConfigMap is missing."""
+    trainer_access_error: Optional[str] = None
+    """Why the validation pod's ServiceAccount/Role/RoleBinding cannot be created (kuberay), if so."""
 
 
 def reconcile_dataset(dataset: Dataset, observed: DatasetObserved, settings: OperatorSettings,
@@ -103,10 +106,15 @@ def reconcile_dataset(dataset: Dataset, observed: DatasetObserved, settings: Ope
     revision = dataset.spec.revision or observed.fingerprint
     v = observed.validation
     if v is None or not v.exists or not v.finished:
+        kuberay = dataset_backend(dataset, settings) is Backend.kuberay
+        if (v is None or not v.exists) and kuberay and observed.trainer_access_error:
+            _access_blocked(st, plan, observed.trainer_access_error, now, generation)
+            plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
+            return _stamp(old, plan, now)
         if v is None or not v.exists:
             children: tuple[dict[str, Any], ...] = ()
             resolved = resolved_dataset(dataset, observed.fingerprint, observed.inline_data)
-            if dataset_backend(dataset, settings) is Backend.kuberay:
+            if kuberay:
                 children = (build_inspect_config_map(dataset, key, resolved),
                             build_inspect_job(dataset, key, settings.inspect_options()))
             plan.actions.append(StartValidation(key=key, dataset=resolved, children=children))
@@ -114,7 +122,8 @@ def reconcile_dataset(dataset: Dataset, observed: DatasetObserved, settings: Ope
             plan.events.append(Event("Normal", "Validating", f"validating {what} ({key})"))
         message = f"validation {key} is running" + (f" for revision {revision}" if revision else "")
         st.conditions = set_condition(st.conditions, "Validating", TRUE, "Validating", message, now, generation)
-        if get_condition(st.conditions, "Ready") is None:
+        ready = get_condition(st.conditions, "Ready")
+        if ready is None or ready.reason == ACCESS_FAILED:
             st.conditions = set_condition(st.conditions, "Ready", UNKNOWN, "Validating", message, now, generation)
         plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
         return _stamp(old, plan, now)
@@ -127,6 +136,19 @@ def reconcile_dataset(dataset: Dataset, observed: DatasetObserved, settings: Ope
         return _stamp(old, plan, now)
     _fold_result(dataset, st, plan, v.result or {}, revision, now)
     return _stamp(old, plan, now)
+
+
+def _access_blocked(st: DatasetStatus, plan: DatasetPlan, message: str, now: datetime,
+                    generation: Optional[int]) -> None:
+    """No validation Job without its pod's ServiceAccount: say which permission is missing. A
+    Ready revision stays Ready (jobs keep using it); otherwise Ready is False until it is fixed."""
+    validating = get_condition(st.conditions, "Validating")
+    if validating is None or validating.reason != ACCESS_FAILED:
+        plan.events.append(Event("Warning", ACCESS_FAILED, message))
+    st.conditions = set_condition(st.conditions, "Validating", FALSE, ACCESS_FAILED, message, now, generation)
+    ready = get_condition(st.conditions, "Ready")
+    if ready is None or ready.status is not TRUE:
+        st.conditions = set_condition(st.conditions, "Ready", FALSE, ACCESS_FAILED, message, now, generation)
 
 
 def _not_ready(st: DatasetStatus, plan: DatasetPlan, reason: str, message: str, now: datetime,

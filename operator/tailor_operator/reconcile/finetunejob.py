@@ -36,6 +36,7 @@ from tailor_operator.api.v1alpha1 import (
 from tailor_operator.builders.configmaps import build_config_map, build_progress_config_map
 from tailor_operator.builders.naming import run_name
 from tailor_operator.builders.rayjob import build_rayjob
+from tailor_operator.builders.trainer_access import ACCESS_FAILED
 from tailor_operator.builders.trainer_config import build_trainer_config, run_output_uri
 from tailor_operator.reconcile.conditions import FALSE, TRUE, UNKNOWN, get_condition, is_true, set_condition
 from tailor_operator.reconcile.cron import next_fire
@@ -80,6 +81,9 @@ class JobObserved:
     """Free local-run slots (local backend); None when not limited."""
     target_model_uri: Optional[str] = None
     """What the promotion target points at now (None when missing or unset)."""
+    trainer_access_error: Optional[str] = None
+    """Why the trainer pods' ServiceAccount/Role/RoleBinding cannot be created (kuberay), if so:
+    the handler finds out when a plan would create a RayJob, and reconciles again with it."""
 
 
 def reconcile_finetunejob(job: FineTuneJob, observed: JobObserved, settings: OperatorSettings,
@@ -274,6 +278,10 @@ def _start(job: FineTuneJob, st: FineTuneJobStatus, run: str, attempt: int, obse
     if dataset is None:
         st.phase = Phase.pending
         return False
+    if _access_blocked(job, st, observed, settings, now, plan):
+        return False
+    if st.error is not None and st.error.reason == ACCESS_FAILED:
+        st.error = None
     if job.spec.backend is Backend.local and observed.local_slots is not None and observed.local_slots <= 0:
         st.phase = Phase.queued
         st.conditions = set_condition(st.conditions, "Running", FALSE, "WaitingForLocalSlot",
@@ -295,6 +303,23 @@ def _start(job: FineTuneJob, st: FineTuneJobStatus, run: str, attempt: int, obse
     st.phase = Phase.queued
     st.conditions = set_condition(st.conditions, "Running", FALSE, "Starting",
                                   f"run {run} attempt {attempt} created; waiting for it to start", now)
+    plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
+    return True
+
+
+def _access_blocked(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObserved, settings: OperatorSettings,
+                    now: datetime, plan: JobPlan) -> bool:
+    """The trainer pods' ServiceAccount cannot be created: no RayJob (its pods would never be
+    created); say which permission is missing and try again shortly."""
+    message = observed.trainer_access_error
+    if job.spec.backend is not Backend.kuberay or not message:
+        return False
+    old = get_condition(st.conditions, "Running")
+    if old is None or old.reason != ACCESS_FAILED:
+        plan.events.append(Event("Warning", ACCESS_FAILED, message))
+    st.phase = Phase.pending
+    st.error = JobError(reason=ACCESS_FAILED, message=message[:4096])
+    st.conditions = set_condition(st.conditions, "Running", FALSE, ACCESS_FAILED, message, now)
     plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
     return True
 
@@ -351,6 +376,8 @@ def _maybe_start_run(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObser
         st.conditions = set_condition(st.conditions, "Running", FALSE, "WaitingForLocalSlot",
                                       f"all {settings.local_max_concurrent} local run slot(s) are busy", now)
         plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
+        return
+    if _access_blocked(job, st, observed, settings, now, plan):
         return
     number = st.run_count + 1
     run = run_name(job.metadata.name, number)

@@ -190,6 +190,11 @@ def observe_rayjob(rayjob: dict[str, Any], progress: Optional[dict[str, Any]] = 
         reason, message = _failure(status, trainer_error, problem)
         return RunObservation(**base, state=RunState.failed, reason=reason, message=message,
                               error=trainer_error, result=result)
+    if deployment == "Running" and pods is not None and job_status in ("", "PENDING", "RUNNING"):
+        lost = head_lost(status, pods)
+        if lost is not None:
+            return RunObservation(**base, state=RunState.failed, reason="RayHeadLost", message=lost,
+                                  error=trainer_error, result=result)
     if deployment == "Running" and (job_status == "RUNNING" or doc is not None):
         return RunObservation(**base, state=RunState.running, reason="Running",
                               message=status.get("message") or "")
@@ -210,6 +215,38 @@ def observe_rayjob(rayjob: dict[str, Any], progress: Optional[dict[str, Any]] = 
                               message="waiting for KubeRay to take the RayJob")
     return RunObservation(**base, state=RunState.pending, reason="Initializing",
                           message=status.get("message") or "waiting for the RayCluster to start")
+
+
+def head_lost(status: dict[str, Any], pods: list[dict[str, Any]]) -> Optional[str]:
+    """Why the Ray job of a Running RayJob is gone with its head, or None.
+
+    The Ray job, its driver (the trainer's entrypoint) and the cluster state live in the head pod
+    (no GCS fault tolerance). Once the Ray job has started, a head pod that is being deleted, is
+    missing, was created after the job started (KubeRay replaced it) or whose container restarted
+    means the job is lost, while KubeRay may go on reporting RUNNING: the attempt failed, and the
+    next one resumes from the last checkpoint."""
+    started = _parse_time((status.get("rayJobInfo") or {}).get("startTime"))
+    if started is None:
+        return None  # the cluster is still coming up: a new head is not a lost job
+    heads = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get("ray.io/node-type") == "head"]
+    live = [p for p in heads if not p["metadata"].get("deletionTimestamp")]
+    if not live:
+        which = f"Ray head pod {heads[0]['metadata']['name']} is being deleted" if heads else "Ray head pod is gone"
+        return (f"the {which} while the Ray job ran (started {started.isoformat()}); the job and its driver "
+                "lived there, so this attempt is lost")
+    for pod in live:
+        name = pod["metadata"].get("name", "")
+        created = _parse_time(pod["metadata"].get("creationTimestamp"))
+        if created is not None and created > started:
+            return (f"the Ray head pod was replaced while the Ray job ran: {name} was created at "
+                    f"{created.isoformat()}, after the job started ({started.isoformat()}); the job and its "
+                    "driver lived on the old head, so this attempt is lost")
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            if cs.get("restartCount"):
+                return (f"container {cs.get('name')} of the Ray head pod {name} restarted "
+                        f"({cs['restartCount']}x) while the Ray job ran; the job and its driver lived there, "
+                        "so this attempt is lost")
+    return None
 
 
 def _cluster_failure(status: dict[str, Any]) -> Optional[str]:

@@ -6,10 +6,13 @@ A frozen dataclass so a test can build one in a line; ``tailor_operator.runner``
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any, Optional
 
 from tailor_operator.api.v1alpha1 import Backend
 from tailor_operator.builders.inspect_job import InspectJobOptions
+from tailor_operator.builders.podsecurity import PULL_POLICIES
 from tailor_operator.builders.rayjob import RayJobOptions
 
 
@@ -19,10 +22,14 @@ class OperatorSettings:
 
     trainer_image: str = "ghcr.io/tailor-dev/tailor-trainer:0.1.0"
     """Default trainer image (spec.resources.image overrides it per job)."""
-    ray_version: str = "2.47.1"
-    """Ray version inside the trainer image (KubeRay needs it for the RayCluster)."""
+    trainer_image_pull_policy: str = "IfNotPresent"
+    """imagePullPolicy of every trainer container (Always, IfNotPresent, Never)."""
+    ray_version: str = "2.60.0"
+    """Ray version inside the trainer image (KubeRay needs it for the RayCluster); the ray pin of
+    requirements.lock, which the trainer image installs (a contract test keeps them equal)."""
     trainer_service_account: str | None = None
-    """ServiceAccount of trainer and validation pods (needs ConfigMap write in its namespace)."""
+    """ServiceAccount of trainer and validation pods (needs ConfigMap write in its namespace). The
+    operator creates it, with its Role and RoleBinding, in a namespace that lacks them."""
     head_cpu: str = "1"
     head_memory: str = "4Gi"
     cluster_ttl_seconds: int = 300
@@ -39,22 +46,55 @@ class OperatorSettings:
     active_poll_seconds: float = 10.0
     """Re-check an active run this often even without events (progress file, pods)."""
     validation_job_ttl_seconds: int = 600
+    validation_cpu: str = "1"
+    validation_memory: str = "2Gi"
+    """Request and limit of the Dataset validation Job's pod."""
+    cpu_pool_node_selector: str = ""
+    """JSON object: nodeSelector of the CPU-only pods (Ray head, submitter, Dataset validation)."""
+    cpu_pool_tolerations: str = ""
+    """JSON list of core/v1 Tolerations of the CPU-only pods."""
+
+    def __post_init__(self) -> None:
+        if self.trainer_image_pull_policy not in PULL_POLICIES:
+            raise ValueError(f"trainer_image_pull_policy must be one of {', '.join(PULL_POLICIES)}, "
+                             f"not {self.trainer_image_pull_policy!r}")
+        self.cpu_pool()  # fail at start-up, not at the first RayJob
+
+    def cpu_pool(self) -> tuple[Optional[dict[str, str]], Optional[list[dict[str, Any]]]]:
+        """(nodeSelector, tolerations) of the CPU-only pods, parsed from their JSON settings."""
+        selector = json.loads(self.cpu_pool_node_selector) if self.cpu_pool_node_selector else None
+        tolerations = json.loads(self.cpu_pool_tolerations) if self.cpu_pool_tolerations else None
+        if selector is not None and not (isinstance(selector, dict)
+                                         and all(isinstance(v, str) for v in selector.values())):
+            raise ValueError(f"cpu_pool_node_selector must be a JSON object of strings, not {selector!r}")
+        if tolerations is not None and not (isinstance(tolerations, list)
+                                            and all(isinstance(t, dict) for t in tolerations)):
+            raise ValueError(f"cpu_pool_tolerations must be a JSON list of objects, not {tolerations!r}")
+        return selector or None, tolerations or None
 
     def rayjob_options(self) -> RayJobOptions:
         return RayJobOptions(
             image=self.trainer_image,
+            image_pull_policy=self.trainer_image_pull_policy,
             ray_version=self.ray_version,
             service_account=self.trainer_service_account,
             head_cpu=self.head_cpu,
             head_memory=self.head_memory,
             cluster_ttl_seconds=self.cluster_ttl_seconds,
+            cpu_pool_node_selector=self.cpu_pool()[0],
+            cpu_pool_tolerations=self.cpu_pool()[1],
         )
 
     def inspect_options(self) -> InspectJobOptions:
         return InspectJobOptions(
             image=self.trainer_image,
+            image_pull_policy=self.trainer_image_pull_policy,
             service_account=self.trainer_service_account,
             ttl_seconds=self.validation_job_ttl_seconds,
+            cpu=self.validation_cpu,
+            memory=self.validation_memory,
+            cpu_pool_node_selector=self.cpu_pool()[0],
+            cpu_pool_tolerations=self.cpu_pool()[1],
         )
 
     def backoff_seconds(self, failed_attempts: int) -> float:
