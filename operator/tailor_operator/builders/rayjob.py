@@ -196,6 +196,11 @@ def build_rayjob(
         {"name": "TAILOR_JOB", "value": job.metadata.name},
         {"name": "TAILOR_RUN", "value": run},
         {"name": "TAILOR_ATTEMPT", "value": str(attempt)},
+        # Ray's memory monitor reads the container's cgroup usage, which counts the page cache of
+        # the CUDA/torch libraries a worker maps (GBs): on a real node it killed healthy 3-4Gi CPU
+        # workers (WorkerGroupError/ControllerError, in 2 of 5 runs). The kernel's cgroup OOM
+        # killer still bounds memory, and an OOMKilled pod is reported as such.
+        {"name": "RAY_memory_monitor_refresh_ms", "value": "0"},
     ]
     if job.spec.output.uri.startswith("s3://"):
         env.append({"name": "TAILOR_RUN_CACHE", "value": RUN_CACHE_DIR})

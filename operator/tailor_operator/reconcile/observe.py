@@ -112,9 +112,13 @@ def _pod_problems(pod: dict[str, Any]) -> list[PodProblem]:
         for state in (cs.get("state") or {}, cs.get("lastState") or {}):
             terminated = state.get("terminated") or {}
             if terminated.get("reason") == "OOMKilled":
+                # the head runs the trainer's driver (prep, evaluation): its memory is the
+                # installation's, not the job's
+                fix = ("raise the operator's head memory (chart trainer.headMemory)" if container == "ray-head"
+                       else "raise resources.memoryPerWorker")
                 found.append(PodProblem(
                     "OOMKilled", f"container {container} of pod {name} was OOMKilled (exit code "
-                    f"{terminated.get('exitCode', 137)}); raise resources.memoryPerWorker", name))
+                    f"{terminated.get('exitCode', 137)}); {fix}", name))
         waiting = (cs.get("state") or {}).get("waiting") or {}
         reason = _WAITING_REASONS.get(waiting.get("reason", ""))
         if reason:

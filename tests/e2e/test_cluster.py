@@ -1,0 +1,278 @@
+"""On a real node: the chart installed from the operator image built from the Dockerfile, and the
+cluster example (examples/cluster/) applied as its README says, in a namespace that enforces the
+`restricted` Pod Security Standard. The Dataset is validated by a Job pod, KubeRay turns Tailor's
+RayJob into a head and 2 worker pods of the trainer image, the pipeline trains with DDP over gloo
+across the two worker pods and evaluates, and everything lands on the PVC.
+
+Then faults with real pods: a deleted Ray head, a deleted worker, a deleted FineTuneJob.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from node_fixtures import OPERATOR_NAMESPACE, REPO, NodeCluster, pod_logs
+from operator_fixtures import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.node, pytest.mark.slow]
+
+EXAMPLE = REPO / "examples" / "cluster"
+NS = "tailor-demo"
+PVC = "tailor-files"
+TRAINER_UID = 1000
+RUN_LABEL = "tailor.dev/run"
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def apply(cluster: NodeCluster, objs: list[dict], ns: str = NS) -> None:
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(objs), check=True)
+
+
+def status(cluster: NodeCluster, kind: str, name: str, ns: str = NS) -> dict:
+    return (cluster.get_json(kind, name, "-n", ns) or {}).get("status") or {}
+
+
+def condition(st: dict, type_: str) -> dict:
+    return next((c for c in st.get("conditions", []) if c.get("type") == type_), {})
+
+
+def run_pods(cluster: NodeCluster, run: str, ns: str = NS) -> list[dict]:
+    return cluster.pods(ns, f"{RUN_LABEL}={run}")
+
+
+def role(pod: dict) -> str:
+    labels = pod["metadata"].get("labels", {})
+    if labels.get("ray.io/node-type") == "head":
+        return "head"
+    if labels.get("ray.io/node-type") == "worker":
+        return "worker"
+    return "submitter" if "job-name" in labels or "batch.kubernetes.io/job-name" in labels else "other"
+
+
+def describe(cluster: NodeCluster, ns: str = NS) -> str:
+    out = cluster.kubectl("get", "ftj,tds,rayjob,raycluster,pods,jobs", "-n", ns, "-o", "wide").stdout
+    events = cluster.kubectl("get", "events", "-n", ns, "--sort-by=.lastTimestamp").stdout
+    return f"{out}\n{events[-6000:]}\n{pod_logs(cluster, ns, 30)[-12000:]}"
+
+
+@pytest.fixture(scope="module")
+def demo(tailor_release: NodeCluster) -> NodeCluster:
+    """Namespace, PVC and files exactly as examples/cluster/README.md steps 2-3 say; the PVC is
+    bound to a hostPath PV on the node (this cluster has no storage provisioner)."""
+    cluster = tailor_release
+    cluster.kubectl("create", "namespace", NS, check=True)
+    cluster.kubectl("label", "namespace", NS, "pod-security.kubernetes.io/enforce=restricted",
+                    "pod-security.kubernetes.io/warn=restricted", check=True)
+    pv_dir = cluster.dir / "pv" / PVC
+    pv_dir.mkdir(parents=True)
+    os.chown(pv_dir, TRAINER_UID, TRAINER_UID)
+    apply(cluster, [{
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{NS}-{PVC}"},
+        "spec": {"capacity": {"storage": "2Gi"}, "accessModes": ["ReadWriteOnce"],
+                 "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                 "hostPath": {"path": str(pv_dir), "type": "Directory"},
+                 "claimRef": {"namespace": NS, "name": PVC}}}])
+    storage = docs(EXAMPLE / "storage.yaml")
+    taint = cluster.node["taint"]
+    for obj in storage:
+        if obj["kind"] == "Pod":
+            # what a user of this cluster changes: the image they built, and the node's taint
+            for c in obj["spec"]["containers"]:
+                c["image"], c["imagePullPolicy"] = cluster.images["trainer"], "Never"
+            obj["spec"]["tolerations"] = [{"key": taint["key"], "operator": "Exists", "effect": taint["effect"]}]
+    apply(cluster, storage)
+    cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "pod/tailor-upload", "--timeout=300s",
+                    check=True, timeout=320)
+    root = "/mnt/pvc/tailor-files"
+    cluster.kubectl("exec", "-n", NS, "tailor-upload", "--", "mkdir", "-p", f"{root}/models", f"{root}/data",
+                    check=True)
+    cluster.kubectl("cp", str(REPO / "examples/models/tailor-tiny-llama"),
+                    f"{NS}/tailor-upload:{root}/models/tailor-tiny-llama", check=True)
+    cluster.kubectl("cp", str(REPO / "examples/data/support-instructions.jsonl"),
+                    f"{NS}/tailor-upload:{root}/data/support-instructions.jsonl", check=True)
+    listing = cluster.kubectl("exec", "-n", NS, "tailor-upload", "--", "ls", "-R", root, check=True).stdout
+    assert "model.safetensors" in listing and "support-instructions.jsonl" in listing, listing
+    cluster.kubectl("delete", "pod", "-n", NS, "tailor-upload", "--wait=false", check=True)
+    cluster.pv_dir = pv_dir
+    return cluster
+
+
+def test_operator_runs_from_its_image(tailor_release: NodeCluster) -> None:
+    cluster = tailor_release
+    pods = cluster.pods(OPERATOR_NAMESPACE, "app.kubernetes.io/name=tailor")
+    assert len(pods) == 1, pods
+    pod = pods[0]
+    assert pod["spec"]["containers"][0]["image"] == cluster.images["operator"]
+    assert pod["spec"]["nodeName"] == cluster.node["name"]
+    ready = next(c for c in pod["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True", pod["status"]
+    # /metrics through the API server's pod proxy: the operator's own series are there
+    name = pod["metadata"]["name"]
+    metrics = cluster.kubectl("get", "--raw", f"/api/v1/namespaces/{OPERATOR_NAMESPACE}/pods/{name}:8080/proxy/metrics",
+                              check=True).stdout
+    assert re.search(r"^tailor_\w+", metrics, re.M), metrics[:2000]
+
+
+def test_cluster_example_trains_end_to_end(demo: NodeCluster) -> None:
+    cluster = demo
+    t0 = time.monotonic()
+    apply(cluster, docs(EXAMPLE / "finetune.yaml"))
+    # the Dataset is validated by a Job pod that runs the trainer image
+    wait_until(lambda: condition(status(cluster, "tds", "support"), "Ready").get("status") == "True", 600,
+               interval=2, what="Dataset Ready", on_timeout=lambda: describe(cluster))
+    t_valid = time.monotonic() - t0
+    ds = status(cluster, "tds", "support")
+    assert ds["rows"] > 0 and ds["splits"]["train"] > 0, ds
+    # (the pod publishes its result, then exits: Ready can come a moment before the pod ends)
+    validators = wait_until(lambda: [p for p in cluster.pods(NS, "tailor.dev/dataset=support")
+                                     if p["status"].get("phase") == "Succeeded"], 60, interval=1,
+                            what="the validation pod Succeeded", on_timeout=lambda: describe(cluster))
+    assert validators[0]["spec"]["containers"][0]["image"] == cluster.images["trainer"]
+    run = "tiny-support-r1"
+    seen_get: list[str] = []
+    seen_pods: dict[str, dict] = {}
+    phase = ""
+    deadline = time.monotonic() + 1200
+    while time.monotonic() < deadline:
+        phase = status(cluster, "ftj", "tiny-support").get("phase", "")
+        seen_get.append(cluster.kubectl("get", "ftj", "-n", NS).stdout)
+        for pod in run_pods(cluster, run):
+            seen_pods.setdefault(pod["metadata"]["name"], pod)
+            if pod["status"].get("phase") in ("Running", "Succeeded"):
+                seen_pods[pod["metadata"]["name"]] = pod
+        if phase in ("Succeeded", "Failed"):
+            break
+        time.sleep(2)
+    elapsed = time.monotonic() - t0
+    st = status(cluster, "ftj", "tiny-support")
+    assert phase == "Succeeded", f"phase {phase!r} after {elapsed:.0f}s: {json.dumps(st, indent=1)}\n{describe(cluster)}"
+    print(f"\n[node] Dataset Ready after {t_valid:.0f}s, FineTuneJob Succeeded after {elapsed:.0f}s")
+    # `kubectl get ftj` showed the run's progress while it trained
+    running = [line for out in seen_get for line in out.splitlines()[1:] if "Running" in line]
+    assert any(re.search(r"\b([1-9]\d?)%", line) for line in running), "\n".join(seen_get[-20:])
+    # head + 2 workers of the trainer image; the workers got to the tainted pool node only through
+    # the job's nodeSelector and tolerations
+    roles = {}
+    for pod in seen_pods.values():
+        roles.setdefault(role(pod), []).append(pod)
+    seen = {k: sorted(p["metadata"]["name"] for p in v) for k, v in roles.items()}
+    assert len(roles.get("head", [])) == 1 and len(roles.get("worker", [])) == 2, \
+        f"{seen}\nstatus {json.dumps(st, indent=1)}\n{describe(cluster)}"
+    for pod in roles["worker"]:
+        spec = pod["spec"]
+        assert spec["nodeName"] == cluster.node["name"]
+        assert spec["nodeSelector"] == {"tailor.dev/pool": "train"}
+        assert any(t.get("key") == "tailor.dev/pool" for t in spec.get("tolerations", []))
+        assert spec["containers"][0]["image"] == cluster.images["trainer"]
+    # metrics and artifacts in status; the files on the PVC
+    assert st["metrics"]["loss"] > 0 and st["metrics"]["perplexity"] > 1, st["metrics"]
+    run_dir = cluster.pv_dir / "runs" / "tiny-support" / run
+    result = json.loads((run_dir / "evaluate" / "result.json").read_text())
+    train = json.loads((run_dir / "train" / "manifest.json").read_text())
+    assert (run_dir / "train" / "model" / "adapter_config.json").is_file(), sorted(os.listdir(run_dir / "train"))
+    assert (run_dir / "evaluate" / "report.html").is_file()
+    # DDP over gloo across the two worker pods: rank 0 saw a process group of world size 2
+    assert train["mode"] == "workers" and train["workers"] == 2 and train["worldSize"] == 2, train
+    assert result["metrics"]["loss"] == pytest.approx(st["metrics"]["loss"], rel=1e-6)
+    # once the RayJob's TTL has passed, nothing of the run is left running
+    wait_until(lambda: not [p for p in run_pods(cluster, run) if p["status"].get("phase") not in ("Succeeded", "Failed")],
+               120, interval=2, what="the run's pods gone", on_timeout=lambda: describe(cluster))
+
+
+# ------------------------------------------------------------------------------------- faults
+
+def fault_job(name: str, max_steps: int, every: int) -> dict:
+    """The example's FineTuneJob, training longer with frequent checkpoints, with retries."""
+    ftj = copy.deepcopy(next(d for d in docs(EXAMPLE / "finetune.yaml") if d["kind"] == "FineTuneJob"))
+    ftj["metadata"] = {"name": name}
+    ftj["spec"]["hyperparameters"].update(maxSteps=max_steps, checkpointEverySteps=every, evalEverySteps=every)
+    ftj["spec"]["evaluation"] = {"metrics": ["loss"], "maxEvalRows": 20}
+    ftj["spec"]["backoffLimit"] = 2
+    return ftj
+
+
+def checkpoints(cluster: NodeCluster, job: str, run: str) -> list[int]:
+    root = cluster.pv_dir / "runs" / job / run / "train" / "checkpoints"
+    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*") if (p / "manifest.json").is_file())
+
+
+def progress(cluster: NodeCluster, run: str) -> dict:
+    data = (cluster.get_json("configmap", f"{run}-progress", "-n", NS) or {}).get("data") or {}
+    return json.loads(data["progress.json"]) if data.get("progress.json") else {}
+
+
+def running_pod(cluster: NodeCluster, run: str, kind: str) -> dict:
+    return wait_until(lambda: next((p for p in run_pods(cluster, run) if role(p) == kind
+                                    and p["status"].get("phase") == "Running"
+                                    and not p["metadata"].get("deletionTimestamp")), None),
+                      60, interval=1, what=f"a running {kind} pod of {run}")
+
+
+def test_a_deleted_worker_pod_resumes_from_the_last_checkpoint(demo: NodeCluster) -> None:
+    cluster, name, run = demo, "fault-worker", "fault-worker-r1"
+    apply(cluster, [fault_job(name, max_steps=600, every=20)])
+    first = wait_until(lambda: checkpoints(cluster, name, run), 900, interval=1, what="a first checkpoint",
+                       on_timeout=lambda: describe(cluster))[-1]
+    victim = running_pod(cluster, run, "worker")["metadata"]["name"]
+    # no grace period: the worker is gone at once, as when its node fails (with the pods' 10 s grace
+    # a short run could finish before the worker stopped)
+    cluster.kubectl("delete", "pod", "-n", NS, victim, "--grace-period=0", "--force", "--wait=false", check=True)
+    st = wait_until(lambda: (s := status(cluster, "ftj", name)).get("phase") in ("Succeeded", "Failed") and s,
+                    1200, interval=3, what="the job to finish", on_timeout=lambda: describe(cluster))
+    assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
+    train = json.loads((cluster.pv_dir / "runs" / name / run / "train" / "manifest.json").read_text())
+    # the step count continued from a checkpoint at or after the one that existed at the fault
+    assert train["resumedFrom"] is not None and train["resumedFrom"] >= first, train
+    print(f"\n[node] worker {victim} deleted after checkpoint {first}: resumed from step {train['resumedFrom']}, "
+          f"attempts {st.get('attempts')}")
+
+
+def test_a_deleted_head_pod_never_leaves_the_job_running(demo: NodeCluster) -> None:
+    """Then, while the retry trains, delete the FineTuneJob: every pod of it goes within 30 s."""
+    cluster, name, run = demo, "fault-head", "fault-head-r1"
+    apply(cluster, [fault_job(name, max_steps=1000, every=20)])
+    first = wait_until(lambda: checkpoints(cluster, name, run), 900, interval=1, what="a first checkpoint",
+                       on_timeout=lambda: describe(cluster))[-1]
+    head = running_pod(cluster, run, "head")["metadata"]["name"]
+    cluster.kubectl("delete", "pod", "-n", NS, head, "--wait=false", check=True)
+    t0 = time.monotonic()
+    left = wait_until(lambda: (s := status(cluster, "ftj", name)).get("phase") != "Running" and s, 60, interval=1,
+                      what="the job to leave Running", on_timeout=lambda: describe(cluster))
+    print(f"\n[node] head {head} deleted after checkpoint {first}: phase {left.get('phase')} after "
+          f"{time.monotonic() - t0:.0f}s, reason {(left.get('error') or {}).get('reason')}")
+    # ... and then either retries from the last checkpoint or fails with a named reason
+    def retried_or_failed():
+        s = status(cluster, "ftj", name)
+        if s.get("phase") == "Failed":
+            return s
+        doc = progress(cluster, run)
+        return s.get("phase") == "Running" and doc.get("attempt", 0) >= 2 and doc.get("stage") == "train" \
+            and doc.get("step", 0) > first and s
+    st = wait_until(retried_or_failed,
+                    900, interval=2, what="a retry that trains again, or a named failure",
+                    on_timeout=lambda: describe(cluster))
+    if st["phase"] == "Failed":
+        assert st["error"]["reason"] and st["error"]["message"], st
+        return
+    doc = progress(cluster, run)
+    assert doc.get("attempt", 2) >= 2 and doc["step"] > first, doc
+    # delete the FineTuneJob mid-training: every pod of the run is gone within 30 s, the finalizer is
+    # released and the object is gone
+    cluster.kubectl("delete", "ftj", name, "-n", NS, "--wait=false", check=True)
+    t1 = time.monotonic()
+    wait_until(lambda: not cluster.pods(NS, f"tailor.dev/finetunejob={name}"), 30, interval=0.5,
+               what="every pod of the job gone", on_timeout=lambda: describe(cluster))
+    gone = time.monotonic() - t1
+    wait_until(lambda: cluster.get_json("ftj", name, "-n", NS) is None, 30, interval=0.5,
+               what="the FineTuneJob gone (finalizer released)")
+    print(f"[node] FineTuneJob deleted mid-training: pods gone after {gone:.1f}s")
