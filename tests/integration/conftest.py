@@ -7,12 +7,10 @@ See docs/testenv.md.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -40,26 +38,8 @@ def control_plane(tmp_path_factory) -> ControlPlane:
     if missing:
         pytest.fail(f"test control plane binaries are not built ({', '.join(missing)} missing in {bin_dir}). "
                     f"Run `scripts/testenv build` (about 12 min cold on 2 quiet cores, under a second when cached).", pytrace=False)
-    t0 = time.monotonic()
-    state = tmp_path_factory.mktemp("testenv")
-    r = subprocess.run([str(TESTENV), "up", "--dir", str(state), "--watch-pid", str(os.getpid())],
-                       capture_output=True, text=True, timeout=300)
-    m = re.fullmatch(r"export KUBECONFIG=(\S+)\n?", r.stdout)
-    if r.returncode != 0 or not m:
-        subprocess.run([str(TESTENV), "down", "--dir", str(state), "--keep-logs"], capture_output=True)
-        pytest.fail(f"`scripts/testenv up` failed (rc {r.returncode}); stdout={r.stdout!r}\n{r.stderr}", pytrace=False)
-    info = json.loads((state / "env.json").read_text())
-    env = dict(os.environ)
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    env["KUBECONFIG"] = m.group(1)
-    env.pop("KUBERNETES_SERVICE_HOST", None)
-    # helm keeps caches/config under $HOME by default: isolate it per session
-    for var, sub in (("HELM_CACHE_HOME", "helm/cache"), ("HELM_CONFIG_HOME", "helm/config"),
-                     ("HELM_DATA_HOME", "helm/data")):
-        env[var] = str(state / sub)
-    cp = ControlPlane(dir=state, kubeconfig=Path(m.group(1)), server=info["server"], bin_dir=bin_dir,
-                      kubeconfigs={k: Path(v) for k, v in info["kubeconfigs"].items()}, users=info["users"], env=env,
-                      startup_seconds=time.monotonic() - t0)
+    cp = ControlPlane.up(tmp_path_factory.mktemp("testenv"), bin_dir)
+    env = cp.env
     # real kubectl/helm for the code under test, too
     saved = {k: os.environ.get(k) for k in ("PATH", "KUBECONFIG")}
     os.environ["PATH"], os.environ["KUBECONFIG"] = env["PATH"], env["KUBECONFIG"]
@@ -73,7 +53,7 @@ def control_plane(tmp_path_factory) -> ControlPlane:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        subprocess.run([str(TESTENV), "down", "--dir", str(state)], capture_output=True, text=True, timeout=120)
+        subprocess.run([str(TESTENV), "down", "--dir", str(cp.dir)], capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ documents through the real API (there is no kubelet: pods never run)."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -65,6 +66,32 @@ class ControlPlane:
     users: dict = field(default_factory=dict)  # identity -> user name the API server sees
     env: dict = field(default_factory=dict)  # os.environ + KUBECONFIG + PATH with bin_dir first
     startup_seconds: float = 0.0
+
+    @classmethod
+    def up(cls, state: Path, bin_dir: Path, *extra: str, timeout: float = 300) -> "ControlPlane":
+        """`scripts/testenv up --dir STATE --watch-pid <this pid> EXTRA...`; fails the test run (never
+        skips) when it does not come up. The env has the bin dir first on PATH, KUBECONFIG, and
+        helm's caches/config isolated in STATE."""
+        t0 = time.monotonic()
+        r = subprocess.run([str(TESTENV), "up", "--dir", str(state), "--watch-pid", str(os.getpid()), *extra],
+                           capture_output=True, text=True, timeout=timeout)
+        m = re.fullmatch(r"export KUBECONFIG=(\S+)\n?", r.stdout)
+        if r.returncode != 0 or not m:
+            subprocess.run([str(TESTENV), "down", "--dir", str(state), "--keep-logs"], capture_output=True)
+            pytest.fail(f"`scripts/testenv up {' '.join(extra)}` failed (rc {r.returncode}); stdout={r.stdout!r}\n"
+                        f"{r.stderr[-6000:]}", pytrace=False)
+        info = json.loads((state / "env.json").read_text())
+        env = dict(os.environ)
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+        env["KUBECONFIG"] = m.group(1)
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        # helm keeps caches/config under $HOME by default: isolate it per session
+        for var, sub in (("HELM_CACHE_HOME", "helm/cache"), ("HELM_CONFIG_HOME", "helm/config"),
+                         ("HELM_DATA_HOME", "helm/data")):
+            env[var] = str(state / sub)
+        return cls(dir=state, kubeconfig=Path(m.group(1)), server=info["server"], bin_dir=bin_dir,
+                   kubeconfigs={k: Path(v) for k, v in info["kubeconfigs"].items()}, users=info["users"], env=env,
+                   startup_seconds=time.monotonic() - t0)
 
     def run(self, argv: list[str], *, user: str = "admin", input: str | None = None, check: bool = False,
             timeout: float = 120) -> subprocess.CompletedProcess:
