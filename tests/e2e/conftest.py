@@ -1,4 +1,7 @@
-"""Fixtures for tests on a real node (see node_fixtures.py and docs/testenv.md, "The node")."""
+"""Fixtures for tests on a real node (see node_fixtures.py and docs/testenv.md, "The node").
+
+Module-scoped: the node (and whatever a failed test left running on it) is gone before the next
+module's tests start, so it never competes with them for the two cores."""
 from __future__ import annotations
 
 import json
@@ -16,7 +19,7 @@ from node_fixtures import (OPERATOR_NAMESPACE, REPO, TESTENV, NodeCluster, image
 _ACTIVE: dict = {}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def node_cluster(tmp_path_factory) -> NodeCluster:
     if os.geteuid() != 0:
         pytest.fail("the node tests run a kubelet and containerd and need root", pytrace=False)
@@ -52,7 +55,7 @@ def node_cluster(tmp_path_factory) -> NodeCluster:
         subprocess.run([str(TESTENV), "down", "--dir", str(state)], capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tailor_release(node_cluster: NodeCluster) -> NodeCluster:
     """The chart installed as users install it, with the operator image built from the Dockerfile."""
     t0 = time.monotonic()
