@@ -73,6 +73,7 @@ class OperatorSettings:
         return selector or None, tolerations or None
 
     def rayjob_options(self) -> RayJobOptions:
+        selector, tolerations = self.cpu_pool()
         return RayJobOptions(
             image=self.trainer_image,
             image_pull_policy=self.trainer_image_pull_policy,
@@ -81,11 +82,12 @@ class OperatorSettings:
             head_cpu=self.head_cpu,
             head_memory=self.head_memory,
             cluster_ttl_seconds=self.cluster_ttl_seconds,
-            cpu_pool_node_selector=self.cpu_pool()[0],
-            cpu_pool_tolerations=self.cpu_pool()[1],
+            cpu_pool_node_selector=selector,
+            cpu_pool_tolerations=tolerations,
         )
 
     def inspect_options(self) -> InspectJobOptions:
+        selector, tolerations = self.cpu_pool()
         return InspectJobOptions(
             image=self.trainer_image,
             image_pull_policy=self.trainer_image_pull_policy,
@@ -93,8 +95,8 @@ class OperatorSettings:
             ttl_seconds=self.validation_job_ttl_seconds,
             cpu=self.validation_cpu,
             memory=self.validation_memory,
-            cpu_pool_node_selector=self.cpu_pool()[0],
-            cpu_pool_tolerations=self.cpu_pool()[1],
+            cpu_pool_node_selector=selector,
+            cpu_pool_tolerations=tolerations,
         )
 
     def backoff_seconds(self, failed_attempts: int) -> float:
