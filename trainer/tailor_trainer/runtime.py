@@ -3,7 +3,7 @@
 ``use_local_mode``: one worker and no cluster to join -> Ray Train's local mode (no Ray start-up
 at all). ``ensure_ray``: join ``RAY_ADDRESS``, else start a small local Ray once per process.
 The relay actor carries rank 0's progress and outcome back to the driver, which owns the
-reporter. ``stage_error_in`` digs a worker's StageError out of Ray's exception wrappers.
+reporter; it lives on the driver's node (a lost worker pod must not take it along). ``stage_error_in`` digs a worker's StageError out of Ray's exception wrappers.
 """
 
 from __future__ import annotations
@@ -55,6 +55,17 @@ def ensure_ray(cfg: Optional[TrainerConfig] = None) -> None:
                 raise
             ray.shutdown()
             time.sleep(2)
+
+
+def start_relay() -> Any:
+    """A ProgressRelay on this (the driver's) node: it lives and dies with the driver, never with a
+    worker pod that a node failure or preemption takes away (that froze a run's progress once)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return relay_class().options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)).remote()
 
 
 def relay_class() -> Any:

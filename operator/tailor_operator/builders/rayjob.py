@@ -253,7 +253,10 @@ def build_rayjob(
     rayjob_spec["rayClusterSpec"] = {
         "rayVersion": options.ray_version,
         "headGroupSpec": {
-            "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
+            # num-cpus 0: the head runs the driver (prep, the Ray Train controller, the progress
+            # relay: all 0-CPU) but no training worker or evaluation task, so that those land on the
+            # worker pods the spec sized (KubeRay would advertise the head's CPU limit otherwise)
+            "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},
             "template": {"metadata": {"labels": dict(pod_labels)},
                          "spec": pod_spec(head, [], placement=False)},
         },

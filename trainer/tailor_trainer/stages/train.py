@@ -43,7 +43,7 @@ from tailor_trainer.checkpoints import (
     write_text,
 )
 from tailor_trainer.config import AdaptationMethod, Precision, Strategy, TrainerConfig
-from tailor_trainer.runtime import ensure_ray, relay_class, stage_error_in, use_local_mode
+from tailor_trainer.runtime import ensure_ray, stage_error_in, start_relay, use_local_mode
 from tailor_trainer.stages import DataInvalid, Diverged, InvalidSpec, StageContext, StageError, TrainingFailed
 
 # Early stopping's best trainable weights so far, kept in each checkpoint while early stopping is on.
@@ -529,6 +529,10 @@ def train_worker(job: dict[str, Any]) -> dict[str, Any]:
     return outcome
 
 
+RAY_RESTARTS = 3
+"""Worker-group restarts Ray Train may make within one attempt (lost workers, failed starts)."""
+
+
 def run_train(ctx: StageContext) -> dict[str, Any]:
     """Train with Ray Train; returns the train manifest (the outcome plus file names)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -552,8 +556,13 @@ def run_train(ctx: StageContext) -> dict[str, Any]:
         # wait for busy cores make a step many times slower, not faster.
         "threads": max(1, int(res.cpus_per_worker)),
     }
+    # A lost worker (a deleted or preempted pod) restarts the worker group in place, resuming from
+    # the last checkpoint, at most RAY_RESTARTS times; then the attempt fails and the operator's
+    # retry (backoffLimit, a new cluster) takes over. Ray's defaults retry preemptions and
+    # worker-group start failures forever, which can keep a run "Running" without end.
     run_config = RunConfig(name=f"{cfg.run.name}-train", storage_path=os.path.join(train_dir, "ray"),
-                           failure_config=FailureConfig(max_failures=0))
+                           failure_config=FailureConfig(max_failures=0, max_preemption_failures=RAY_RESTARTS,
+                                                        controller_failure_limit=RAY_RESTARTS))
     ctx.progress(stage="train", message="starting workers" if not local else "starting")
     stop = threading.Event()
     poller = None
@@ -567,7 +576,7 @@ def run_train(ctx: StageContext) -> dict[str, Any]:
         import ray
 
         ensure_ray(cfg)
-        relay = relay_class().remote()
+        relay = start_relay()
         job["relay"] = relay
 
         def forward() -> None:
@@ -587,7 +596,9 @@ def run_train(ctx: StageContext) -> dict[str, Any]:
         gpus = res.gpus_per_worker
         trainer = TorchTrainer(
             train_worker, train_loop_config=job,
-            scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=gpus > 0,
+            # SPREAD: one training worker per worker pod (fractional CPUs would let Ray pack two
+            # into one pod, and then a lost pod takes two ranks while another idles)
+            scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=gpus > 0, placement_strategy="SPREAD",
                                          resources_per_worker={"CPU": res.cpus_per_worker,
                                                                **({"GPU": gpus} if gpus else {})}),
             torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
