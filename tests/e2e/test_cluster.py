@@ -203,6 +203,8 @@ def fault_job(name: str, max_steps: int, every: int) -> dict:
     ftj["spec"]["hyperparameters"].update(maxSteps=max_steps, checkpointEverySteps=every, evalEverySteps=every)
     ftj["spec"]["evaluation"] = {"metrics": ["loss"], "maxEvalRows": 20}
     ftj["spec"]["backoffLimit"] = 2
+    # a hang (a collective waiting for a rank that is gone) becomes a retried attempt within minutes
+    ftj["spec"]["progressDeadlineSeconds"] = 240
     return ftj
 
 

@@ -106,7 +106,11 @@ def test_kuberay_renders_admissible_pods_from_the_golden_rayjob(kuberay_operator
     def events() -> str:
         return cp.kubectl("get", "events", "-n", restricted).stdout
 
-    found = wait_until(pods, 90, what="head + 2 worker pods created by KubeRay", on_timeout=events)
+    def diagnose() -> str:
+        objs = cp.kubectl("get", "rayjob,raycluster,pods", "-n", restricted, "-o", "wide").stdout
+        return f"{objs}\n{events()}\n{cp.log_tails(40)}"
+
+    found = wait_until(pods, 180, what="head + 2 worker pods created by KubeRay", on_timeout=diagnose)
     kinds = sorted(p["metadata"]["labels"].get("ray.io/node-type", "?") for p in found)
     assert kinds == ["head", "worker", "worker"], kinds
     worker = next(p for p in found if p["metadata"]["labels"]["ray.io/node-type"] == "worker")

@@ -377,6 +377,11 @@ class FineTuneJobSpec(
     backoff). Defaults to 2."""
     active_deadline_seconds: Optional[int] = Field(None, ge=1, le=31_536_000)
     """Fail a run that has been running longer than this (reason DeadlineExceeded)."""
+    progress_deadline_seconds: int = Field(1800, ge=30, le=31_536_000)
+    """Fail an attempt whose trainer reports no progress (a step, a stage) for this long, as a
+    hung collective or a lost worker group would (reason ProgressDeadlineExceeded); it is retried
+    from its last checkpoint within backoffLimit. Raise it for models whose download or
+    checkpoint takes longer. Defaults to 1800."""
     suspend: bool = False
     """Suspend: stop the running run (its checkpoints stay) and start nothing until unset."""
     ttl_seconds_after_finished: Optional[int] = Field(None, ge=0, le=31_536_000)

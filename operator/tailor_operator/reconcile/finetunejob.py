@@ -6,7 +6,7 @@ Level-based: the same inputs always give the same plan, and applying a plan twic
 means the current run is over; the `Retrying` condition's transition time dates a backoff.
 
 Spec changes while a run is active: lifecycle fields (suspend, backoffLimit, activeDeadlineSeconds,
-ttlSecondsAfterFinished, continuousLearning) apply at once; the run itself continues with the
+progressDeadlineSeconds, ttlSecondsAfterFinished, continuousLearning) apply at once; the run itself continues with the
 config it started with. `observedGeneration` is the generation the current run started from (or
 the latest one the operator had nothing to do for); a Failed job whose spec changed since
 (`generation != observedGeneration`) starts a new run, and continuous learning applies the new spec
@@ -26,6 +26,7 @@ from tailor_operator.api.v1alpha1 import (
     Dataset,
     EvalMetrics,
     FineTuneJob,
+    FineTuneJobSpec,
     FineTuneJobStatus,
     HistoryEntry,
     JobError,
@@ -40,7 +41,7 @@ from tailor_operator.builders.trainer_access import ACCESS_FAILED
 from tailor_operator.builders.trainer_config import build_trainer_config, run_output_uri
 from tailor_operator.reconcile.conditions import FALSE, TRUE, UNKNOWN, get_condition, is_true, set_condition
 from tailor_operator.reconcile.cron import next_fire
-from tailor_operator.reconcile.observe import RunObservation, RunState
+from tailor_operator.reconcile.observe import RunObservation, RunState, parse_time
 from tailor_operator.reconcile.plan import (
     ApplyPromotion,
     DeleteRun,
@@ -243,6 +244,11 @@ def _drive_run(job: FineTuneJob, st: FineTuneJobStatus, obs: Optional[RunObserva
         plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
     elif obs.state is RunState.running:
         _fold_progress(st, obs.progress)
+        stalled = _stalled(spec, st, obs, now)
+        if stalled is not None:
+            _attempt_failed(job, st, obs, settings, now, plan, attempt, reason="ProgressDeadlineExceeded",
+                            message=stalled)
+            return
         st.phase = Phase.evaluating if st.stage == "evaluate" else Phase.running
         st.error = None
         # Stable per stage (progress lives in status.progress), so progress alone stays rate-limited.
@@ -255,20 +261,50 @@ def _drive_run(job: FineTuneJob, st: FineTuneJobStatus, obs: Optional[RunObserva
     elif obs.state is RunState.succeeded:
         _finish(job, st, obs, settings, now, plan, succeeded=True, reason="Succeeded", message=obs.message)
     elif obs.state is RunState.failed:
-        if obs.reason not in NON_RETRYABLE and attempt <= spec.backoff_limit:
-            delay = settings.backoff_seconds(attempt)
-            st.attempts = attempt + 1
-            st.phase = Phase.pending
-            st.error = JobError(reason=obs.reason[:253], message=f"attempt {attempt}: {obs.message}"[:4096])
-            message = (f"attempt {attempt} of {spec.backoff_limit + 1} failed ({obs.reason}: {obs.message}); "
-                       f"attempt {attempt + 1} starts in {delay:g}s from the last checkpoint")
-            st.conditions = set_condition(st.conditions, "Running", FALSE, obs.reason, obs.message, now)
-            st.conditions = set_condition(st.conditions, "Retrying", TRUE, "BackingOff", message, now)
-            plan.actions.append(StopRun(run, "Retry"))
-            plan.events.append(Event("Warning", "AttemptFailed", message))
-            plan.requeue_after = sooner(plan.requeue_after, delay)
-        else:
-            _finish(job, st, obs, settings, now, plan, succeeded=False, reason=obs.reason, message=obs.message)
+        _attempt_failed(job, st, obs, settings, now, plan, attempt, reason=obs.reason, message=obs.message)
+
+
+def _attempt_failed(job: FineTuneJob, st: FineTuneJobStatus, obs: RunObservation, settings: OperatorSettings,
+                    now: datetime, plan: JobPlan, attempt: int, *, reason: str, message: str) -> None:
+    """Retry from the last checkpoint within backoffLimit, else fail the job."""
+    spec, run = job.spec, st.current_run or ""
+    if reason not in NON_RETRYABLE and attempt <= spec.backoff_limit:
+        delay = settings.backoff_seconds(attempt)
+        st.attempts = attempt + 1
+        st.phase = Phase.pending
+        st.error = JobError(reason=reason[:253], message=f"attempt {attempt}: {message}"[:4096])
+        text = (f"attempt {attempt} of {spec.backoff_limit + 1} failed ({reason}: {message}); "
+                f"attempt {attempt + 1} starts in {delay:g}s from the last checkpoint")
+        st.conditions = set_condition(st.conditions, "Running", FALSE, reason, message, now)
+        st.conditions = set_condition(st.conditions, "Retrying", TRUE, "BackingOff", text, now)
+        plan.actions.append(StopRun(run, "Retry"))
+        plan.events.append(Event("Warning", "AttemptFailed", text))
+        plan.requeue_after = sooner(plan.requeue_after, delay)
+    else:
+        if obs.state is not RunState.failed:  # still running (stalled): stop what is left of it
+            plan.actions.append(StopRun(run, reason))
+        _finish(job, st, obs, settings, now, plan, succeeded=False, reason=reason, message=message)
+
+
+def _stalled(spec: FineTuneJobSpec, st: FineTuneJobStatus, obs: RunObservation, now: datetime) -> Optional[str]:
+    """Why a running attempt counts as hung: its progress document (or, before the trainer wrote
+    one, the Running condition) has not changed for progressDeadlineSeconds; else None."""
+    limit = spec.progress_deadline_seconds
+    running = get_condition(st.conditions, "Running")
+    since = [t for t in (parse_time((obs.progress or {}).get("updatedAt")),
+                         running.last_transition_time if running is not None and running.status is TRUE else None)
+             if t is not None]
+    if not since:
+        return None  # running from this reconcile on
+    quiet = (now - max(since)).total_seconds()
+    if quiet < limit:
+        return None
+    doc = obs.progress or {}
+    last = f"stage {doc.get('stage') or 'none yet'}"
+    if isinstance(doc.get("step"), int):
+        last += f", step {doc['step']}" + (f"/{doc['totalSteps']}" if isinstance(doc.get("totalSteps"), int) else "")
+    return (f"run {st.current_run} attempt {max(st.attempts, 1)} reported no progress for {int(quiet)}s "
+            f"(progressDeadlineSeconds={limit}); last: {last}")
 
 
 def _start(job: FineTuneJob, st: FineTuneJobStatus, run: str, attempt: int, observed: JobObserved,

@@ -143,7 +143,7 @@ def _int(value: Any, default: int) -> int:
         return default
 
 
-def _parse_time(value: Any) -> Optional[datetime]:
+def parse_time(value: Any) -> Optional[datetime]:
     if not value:
         return None
     try:
@@ -181,7 +181,7 @@ def observe_rayjob(rayjob: dict[str, Any], progress: Optional[dict[str, Any]] = 
         terminating=bool(meta.get("deletionTimestamp")),
         progress=doc,
         dataset_revision=annotations.get(ANNOTATION_REVISION),
-        created_at=_parse_time(meta.get("creationTimestamp")),
+        created_at=parse_time(meta.get("creationTimestamp")),
     )
     trainer_error = (doc or {}).get("error") or None
     result = (doc or {}).get("result") or None
@@ -229,7 +229,7 @@ def head_lost(status: dict[str, Any], pods: list[dict[str, Any]]) -> Optional[st
     missing, was created after the job started (KubeRay replaced it) or whose container restarted
     means the job is lost, while KubeRay may go on reporting RUNNING: the attempt failed, and the
     next one resumes from the last checkpoint."""
-    started = _parse_time((status.get("rayJobInfo") or {}).get("startTime"))
+    started = parse_time((status.get("rayJobInfo") or {}).get("startTime"))
     if started is None:
         return None  # the cluster is still coming up: a new head is not a lost job
     heads = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get("ray.io/node-type") == "head"]
@@ -240,7 +240,7 @@ def head_lost(status: dict[str, Any], pods: list[dict[str, Any]]) -> Optional[st
                 "lived there, so this attempt is lost")
     for pod in live:
         name = pod["metadata"].get("name", "")
-        created = _parse_time(pod["metadata"].get("creationTimestamp"))
+        created = parse_time(pod["metadata"].get("creationTimestamp"))
         if created is not None and created > started:
             return (f"the Ray head pod was replaced while the Ray job ran: {name} was created at "
                     f"{created.isoformat()}, after the job started ({started.isoformat()}); the job and its "
