@@ -184,6 +184,10 @@ def test_cluster_example_trains_end_to_end(demo: NodeCluster) -> None:
     # DDP over gloo across the two worker pods: rank 0 saw a process group of world size 2
     assert train["mode"] == "workers" and train["workers"] == 2 and train["worldSize"] == 2, train
     assert result["metrics"]["loss"] == pytest.approx(st["metrics"]["loss"], rel=1e-6)
+    # the run's pods were selected by its NetworkPolicy (this node's bridge CNI does not enforce
+    # policies: this shows creation and selection, not enforcement)
+    policy = cluster.get_json("networkpolicy", run, "-n", NS)
+    assert policy and policy["spec"]["podSelector"] == {"matchLabels": {RUN_LABEL: run}}, policy
     # once the RayJob's TTL has passed, nothing of the run is left running
     wait_until(lambda: not [p for p in run_pods(cluster, run) if p["status"].get("phase") not in ("Succeeded", "Failed")],
                120, interval=2, what="the run's pods gone", on_timeout=lambda: describe(cluster))

@@ -172,6 +172,9 @@ def test_operator_runs_with_exactly_the_charts_rbac(installed, k8s_client, names
                    what="Ready", on_timeout=operator.log_tail)
         kube.apply(job_manifest("rbac"))
         wait_until(lambda: kube.get("RayJob", "rbac-r1"), 30, what="RayJob", on_timeout=operator.log_tail)
+        # the run's Ray pods are fenced by a NetworkPolicy created with them
+        policy = kube.get("NetworkPolicy", "rbac-r1")
+        assert policy["spec"]["podSelector"] == {"matchLabels": {"tailor.dev/run": "rbac-r1"}}, policy
         kube.set_rayjob_status("rbac-r1", "Running", "RUNNING")
         wait_until(lambda: kube.status("FineTuneJob", "rbac").get("phase") == "Running", 30, what="Running",
                    on_timeout=operator.log_tail)
@@ -179,6 +182,13 @@ def test_operator_runs_with_exactly_the_charts_rbac(installed, k8s_client, names
         kube.delete("FineTuneJob", "rbac")
         wait_until(lambda: kube.get("FineTuneJob", "rbac") is None and kube.get("RayJob", "rbac-r1") is None, 30,
                    what="finalizer cleanup", on_timeout=operator.log_tail)
+        assert kube.get("NetworkPolicy", "rbac-r1") is None
+        # the operator's identity reads no Secret anywhere (it hands secretRefs to pods by name)
+        sa = f"system:serviceaccount:{RELEASE_NS}:tailor"
+        for ns in (namespace, "kube-system", RELEASE_NS):
+            for verb in ("get", "list", "watch"):
+                r = cp.kubectl("auth", "can-i", verb, "secrets", "-n", ns, "--as", sa)
+                assert r.stdout.strip() == "no", (ns, verb, r.stdout, r.stderr)
         assert "Forbidden" not in Path(operator.log_path).read_text()
         # the chart owns the trainer's ServiceAccount here: the operator found it and left it alone
         for kind in ("ServiceAccount", "Role", "RoleBinding"):

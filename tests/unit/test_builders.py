@@ -145,3 +145,33 @@ def test_run_names_are_length_safe_and_distinct(length: int) -> None:
         assert len(name) <= 47
         assert safe_name(name, "-progress").endswith("-progress")
         assert len(safe_name(name, "-progress")) <= 63
+
+
+def test_run_network_policy_admits_only_the_run_and_the_installations_rules() -> None:
+    from tailor_operator.builders.networkpolicy import DEFAULT_INGRESS, build_run_network_policy
+    from tailor_operator.reconcile.settings import OperatorSettings
+
+    doc = _gpu_case()
+    job = FineTuneJob.model_validate(doc["job"])
+    policy = build_run_network_policy(job, "support-llama-r1")
+    rayjob = run_children(doc)[-1]
+    pod_labels = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    spec = policy["spec"]
+    # it selects exactly the pods KubeRay creates for this run (head, workers; the submitter too)
+    assert spec["podSelector"] == {"matchLabels": {"tailor.dev/run": "support-llama-r1"}}
+    assert pod_labels["tailor.dev/run"] == "support-llama-r1"
+    submitter = rayjob["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    assert submitter["tailor.dev/run"] == "support-llama-r1"
+    assert spec["policyTypes"] == ["Ingress"]
+    assert spec["ingress"][0] == {"from": [{"podSelector": {"matchLabels": {"tailor.dev/run": "support-llama-r1"}}}]}
+    # the KubeRay operator may reach the dashboard port only; nothing else from outside the run
+    assert spec["ingress"][1:] == list(DEFAULT_INGRESS)
+    assert spec["ingress"][1]["ports"] == [{"protocol": "TCP", "port": 8265}]
+    assert policy["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
+    # the installation replaces the extra rules (JSON, checked at start-up)
+    prom = [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+             "ports": [{"port": 8080}]}]
+    settings = OperatorSettings(ray_network_policy_ingress=json.dumps(prom))
+    assert build_run_network_policy(job, "r", settings.network_policy_ingress())["spec"]["ingress"][1:] == prom
+    with pytest.raises(ValueError, match="ray_network_policy_ingress"):
+        OperatorSettings(ray_network_policy_ingress='{"from": []}')

@@ -57,6 +57,10 @@ app.kubernetes.io/component: operator
 - apiGroups: [serving.kserve.io]
   resources: [inferenceservices]
   verbs: [get, patch]
+# One NetworkPolicy per run fences its Ray pods (trainer.networkPolicy).
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, create, update, delete]
 # The trainer's ServiceAccount, Role and RoleBinding, created where missing (never changed). The
 # Role grants configmaps get/create/update/patch, which the operator must hold itself (above).
 - apiGroups: [""]

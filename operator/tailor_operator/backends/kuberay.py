@@ -96,11 +96,13 @@ class KubeRayBackend:
         self.cluster.delete("RayJob", ns, run)
         self.cluster.delete("ConfigMap", ns, config_map_name(run))
         self.cluster.delete("ConfigMap", ns, progress_config_map_name(run))
+        self.cluster.delete("NetworkPolicy", ns, run)
 
     def cleanup(self, namespace: str, name: str, uid: Optional[str] = None) -> int:
-        """Finalizer: delete every RayJob and ConfigMap of the job. Returns how many were deleted."""
+        """Finalizer: delete every RayJob, ConfigMap and NetworkPolicy of the job. Returns how many
+        were deleted."""
         deleted = 0
-        for kind in ("RayJob", "ConfigMap"):
+        for kind in ("RayJob", "ConfigMap", "NetworkPolicy"):
             for obj in self.cluster.list(kind, namespace, {LABEL_JOB: name}):
                 if _owned_by(obj, uid):
                     deleted += self.cluster.delete(kind, namespace, obj["metadata"]["name"],

@@ -36,6 +36,7 @@ from tailor_operator.api.v1alpha1 import (
 )
 from tailor_operator.builders.configmaps import build_config_map, build_progress_config_map
 from tailor_operator.builders.naming import run_name
+from tailor_operator.builders.networkpolicy import build_run_network_policy
 from tailor_operator.builders.rayjob import build_rayjob
 from tailor_operator.builders.trainer_access import ACCESS_FAILED
 from tailor_operator.builders.trainer_config import build_trainer_config, run_output_uri
@@ -335,6 +336,8 @@ def _start(job: FineTuneJob, st: FineTuneJobStatus, run: str, attempt: int, obse
                               dataset_revision=st.dataset_revision, config_hash=config.config_hash(),
                               options=settings.rayjob_options())
         children = (build_config_map(job, run, config), build_progress_config_map(job, run), rayjob)
+        if settings.ray_network_policy:
+            children = (build_run_network_policy(job, run, settings.network_policy_ingress()),) + children
     plan.actions.append(StartRun(run=run, attempt=attempt, config=config, number=st.run_count, children=children))
     st.phase = Phase.queued
     st.conditions = set_condition(st.conditions, "Running", FALSE, "Starting",

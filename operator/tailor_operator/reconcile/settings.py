@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from tailor_operator.api.v1alpha1 import Backend
 from tailor_operator.builders.inspect_job import InspectJobOptions
+from tailor_operator.builders.networkpolicy import DEFAULT_INGRESS
 from tailor_operator.builders.podsecurity import PULL_POLICIES
 from tailor_operator.builders.rayjob import RayJobOptions
 
@@ -53,12 +54,19 @@ class OperatorSettings:
     """JSON object: nodeSelector of the CPU-only pods (Ray head, submitter, Dataset validation)."""
     cpu_pool_tolerations: str = ""
     """JSON list of core/v1 Tolerations of the CPU-only pods."""
+    ray_network_policy: bool = True
+    """Create a NetworkPolicy per run that admits ingress to its Ray pods only from the run's own
+    pods and the rules of `ray_network_policy_ingress` (builders/networkpolicy.py)."""
+    ray_network_policy_ingress: str = ""
+    """JSON list of NetworkPolicyIngressRules also admitted (empty: the KubeRay operator's pods, any
+    namespace, on the dashboard port 8265)."""
 
     def __post_init__(self) -> None:
         if self.trainer_image_pull_policy not in PULL_POLICIES:
             raise ValueError(f"trainer_image_pull_policy must be one of {', '.join(PULL_POLICIES)}, "
                              f"not {self.trainer_image_pull_policy!r}")
         self.cpu_pool()  # fail at start-up, not at the first RayJob
+        self.network_policy_ingress()
 
     def cpu_pool(self) -> tuple[Optional[dict[str, str]], Optional[list[dict[str, Any]]]]:
         """(nodeSelector, tolerations) of the CPU-only pods, parsed from their JSON settings."""
@@ -71,6 +79,15 @@ class OperatorSettings:
                                             and all(isinstance(t, dict) for t in tolerations)):
             raise ValueError(f"cpu_pool_tolerations must be a JSON list of objects, not {tolerations!r}")
         return selector or None, tolerations or None
+
+    def network_policy_ingress(self) -> tuple[dict[str, Any], ...]:
+        """The extra ingress rules of each run's NetworkPolicy, parsed from their JSON setting."""
+        if not self.ray_network_policy_ingress:
+            return DEFAULT_INGRESS
+        rules = json.loads(self.ray_network_policy_ingress)
+        if not (isinstance(rules, list) and all(isinstance(r, dict) for r in rules)):
+            raise ValueError(f"ray_network_policy_ingress must be a JSON list of objects, not {rules!r}")
+        return tuple(rules)
 
     def rayjob_options(self) -> RayJobOptions:
         selector, tolerations = self.cpu_pool()
