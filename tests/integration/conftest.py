@@ -64,12 +64,13 @@ def k8s_client(control_plane):
     client.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def kuberay_operator(control_plane):
-    """The real KubeRay operator (ray-operator), running against the control plane for the session."""
+    """The real KubeRay operator (ray-operator) running against the control plane: started for
+    each test that asks for it (`kuberay-up` is a no-op when it runs), since modules that play
+    KubeRay themselves stop it (a session-wide fixture went on yielding a stopped operator)."""
     control_plane.start_kuberay()
     yield control_plane
-    control_plane.stop_kuberay()
 
 
 def _ns_name(nodeid: str) -> str:

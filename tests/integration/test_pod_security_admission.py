@@ -110,7 +110,7 @@ def test_kuberay_renders_admissible_pods_from_the_golden_rayjob(kuberay_operator
         objs = cp.kubectl("get", "rayjob,raycluster,pods", "-n", restricted, "-o", "wide").stdout
         return f"{objs}\n{events()}\n{cp.log_tails(40)}"
 
-    found = wait_until(pods, 180, what="head + 2 worker pods created by KubeRay", on_timeout=diagnose)
+    found = wait_until(pods, 90, what="head + 2 worker pods created by KubeRay", on_timeout=diagnose)
     kinds = sorted(p["metadata"]["labels"].get("ray.io/node-type", "?") for p in found)
     assert kinds == ["head", "worker", "worker"], kinds
     worker = next(p for p in found if p["metadata"]["labels"]["ray.io/node-type"] == "worker")
