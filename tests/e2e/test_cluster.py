@@ -176,11 +176,12 @@ def test_cluster_example_trains_end_to_end(demo: NodeCluster) -> None:
         assert spec["containers"][0]["image"] == cluster.images["trainer"]
     # metrics and artifacts in status; the files on the PVC
     assert st["metrics"]["loss"] > 0 and st["metrics"]["perplexity"] > 1, st["metrics"]
-    run_dir = cluster.pv_dir / "runs" / "tiny-support" / run
-    result = json.loads((run_dir / "evaluate" / "result.json").read_text())
-    train = json.loads((run_dir / "train" / "manifest.json").read_text())
-    assert (run_dir / "train" / "model" / "adapter_config.json").is_file(), sorted(os.listdir(run_dir / "train"))
-    assert (run_dir / "evaluate" / "report.html").is_file()
+    where = run_dir(cluster, "tiny-support", run)
+    assert st["artifacts"]["model"] == f"pvc://{PVC}/{where.relative_to(cluster.pv_dir)}/train/model", st["artifacts"]
+    result = json.loads((where / "evaluate" / "result.json").read_text())
+    train = json.loads((where / "train" / "manifest.json").read_text())
+    assert (where / "train" / "model" / "adapter_config.json").is_file(), sorted(os.listdir(where / "train"))
+    assert (where / "evaluate" / "report.html").is_file()
     # DDP over gloo across the two worker pods: rank 0 saw a process group of world size 2
     assert train["mode"] == "workers" and train["workers"] == 2 and train["worldSize"] == 2, train
     assert result["metrics"]["loss"] == pytest.approx(st["metrics"]["loss"], rel=1e-6)
@@ -212,8 +213,14 @@ def fault_job(name: str, max_steps: int, every: int) -> dict:
     return ftj
 
 
+def run_dir(cluster: NodeCluster, job: str, run: str) -> Path:
+    """`<output>/<namespace>/<job>-<uid[:8]>/<run>` on the PVC (builders/trainer_config.py)."""
+    uid = (cluster.get_json("ftj", job, "-n", NS) or {}).get("metadata", {}).get("uid", "")
+    return cluster.pv_dir / "runs" / NS / f"{job}-{uid.replace('-', '')[:8]}" / run
+
+
 def checkpoints(cluster: NodeCluster, job: str, run: str) -> list[int]:
-    root = cluster.pv_dir / "runs" / job / run / "train" / "checkpoints"
+    root = run_dir(cluster, job, run) / "train" / "checkpoints"
     return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*") if (p / "manifest.json").is_file())
 
 
@@ -241,7 +248,7 @@ def test_a_deleted_worker_pod_resumes_from_the_last_checkpoint(demo: NodeCluster
     st = wait_until(lambda: (s := status(cluster, "ftj", name)).get("phase") in ("Succeeded", "Failed") and s,
                     1200, interval=3, what="the job to finish", on_timeout=lambda: describe(cluster))
     assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
-    train = json.loads((cluster.pv_dir / "runs" / name / run / "train" / "manifest.json").read_text())
+    train = json.loads((run_dir(cluster, name, run) / "train" / "manifest.json").read_text())
     # the step count continued from a checkpoint at or after the one that existed at the fault
     assert train["resumedFrom"] is not None and train["resumedFrom"] >= first, train
     print(f"\n[node] worker {victim} deleted after checkpoint {first}: resumed from step {train['resumedFrom']}, "

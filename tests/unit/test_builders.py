@@ -175,3 +175,22 @@ def test_run_network_policy_admits_only_the_run_and_the_installations_rules() ->
     assert build_run_network_policy(job, "r", settings.network_policy_ingress())["spec"]["ingress"][1:] == prom
     with pytest.raises(ValueError, match="ray_network_policy_ingress"):
         OperatorSettings(ray_network_policy_ingress='{"from": []}')
+
+
+def test_run_directory_carries_namespace_and_job_uid() -> None:
+    from tailor_operator.builders.trainer_config import run_output_uri
+
+    doc = _gpu_case()["job"]
+
+    def job(namespace: str, uid: str | None) -> FineTuneJob:
+        meta = {**doc["metadata"], "namespace": namespace, "uid": uid}
+        return FineTuneJob.model_validate({**doc, "metadata": meta})
+
+    first = run_output_uri(job("team-ml", "7b0c6a52-1111-4000-8000-000000000001"), "support-llama-r1")
+    assert first == "s3://acme-ml-models/support/team-ml/support-llama-7b0c6a52/support-llama-r1"
+    # the same name recreated (new UID), or in another namespace: another directory, nothing shared
+    recreated = run_output_uri(job("team-ml", "90aa0000-2222-4000-8000-000000000002"), "support-llama-r1")
+    other_ns = run_output_uri(job("team-b", "7b0c6a52-1111-4000-8000-000000000001"), "support-llama-r1")
+    assert len({first, recreated, other_ns}) == 3
+    # no API server (`tailor run`): the name alone, so running the manifest again resumes
+    assert run_output_uri(job("default", None), "support-llama-r1").endswith("/default/support-llama/support-llama-r1")

@@ -236,8 +236,8 @@ class OutputSpec(CamelModel):
     """Where models, checkpoints and reports go."""
 
     uri: OutputUri
-    """Output root; each run writes under `<uri>/<job>/<run>/`. A path or file://, pvc://<claim>/<path>,
-    s3://<bucket>/<prefix>."""
+    """Output root; each run writes under `<uri>/<namespace>/<job>-<uid[:8]>/<run>/`. A path or
+    file://, pvc://<claim>/<path>, s3://<bucket>/<prefix>."""
     secret_ref: Optional[SecretRef] = None
     """Secret with credentials for the output store. Names only, never values."""
     merged_model: bool = False

@@ -23,8 +23,18 @@ def _cpus(quantity: str) -> float:
 
 
 def run_output_uri(job: FineTuneJob, run: str) -> str:
-    """Run directory `<output.uri>/<job>/<run>`."""
-    return f"{job.spec.output.uri.rstrip('/')}/{job.metadata.name}/{run}"
+    """Run directory `<output.uri>/<namespace>/<job>-<uid[:8]>/<run>`.
+
+    The namespace and the job's UID keep apart what the job name alone would mix up: a same-named
+    job of another namespace writing to the same output, and a job deleted and recreated under its
+    old name (which must start from an empty run directory, not resume the old job's checkpoints
+    or overwrite its promoted model). Without a UID (`tailor run`, no API server) the job name
+    alone, so that running the same manifest again resumes.
+    """
+    namespace = job.metadata.namespace or "default"
+    uid = (job.metadata.uid or "").replace("-", "")[:8]
+    owner = f"{job.metadata.name}-{uid}" if uid else job.metadata.name
+    return f"{job.spec.output.uri.rstrip('/')}/{namespace}/{owner}/{run}"
 
 
 def build_trainer_config(
