@@ -116,7 +116,8 @@ def test_checkpoint_write_is_atomic_and_keeps_the_newest(tmp_path):
     assert [s for s, _ in list_checkpoints(root, "h")] == [4, 6]
     assert list_checkpoints(root, "other") == []
     manifest = json.loads((tmp_path / "ckpt" / "step-6" / "manifest.json").read_text())
-    assert manifest["step"] == 6 and manifest["files"] == ["x.txt"]
+    assert manifest["step"] == 6 and list(manifest["files"]) == ["x.txt"]
+    assert manifest["files"]["x.txt"]["size"] == 1  # and its sha256: tests/unit/test_checkpoint_integrity.py
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,8 +35,11 @@ from tailor_trainer import storage
 from tailor_trainer.batches import amp_context, as_tensors, collate, epoch_order, load_rows, token_losses
 from tailor_trainer.checkpoints import (
     CHECKPOINTS,
+    Resumable,
     clean_partial,
+    find_resumable,
     list_checkpoints,
+    load_torch,
     rng_state,
     set_rng_state,
     write_checkpoint,
@@ -109,6 +112,30 @@ def load_sharded(model: Any, optimizer: Any, weights: dict[str, Any], optim_stat
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state,
                              options=StateDictOptions(full_state_dict=True))
+
+
+def choose_checkpoint(root: str, config_hash: str, world: int
+                      ) -> tuple[Optional[Resumable], list[dict[str, Any]]]:
+    """The checkpoint every rank resumes from: each rank verifies its own copy (on another node it
+    is a separate download); while they disagree, all retry at or below the oldest choice, so
+    every rank loads the same verified step (or none)."""
+    import torch.distributed as dist
+
+    found, skipped = find_resumable(root, config_hash)
+    if world == 1:
+        return found, skipped
+    while True:
+        choices: list[Any] = [None] * world
+        dist.all_gather_object(choices, found.step if found else -1)
+        if len(set(choices)) == 1:
+            return found, skipped
+        limit = min(choices)
+        for step in sorted({c for c in choices if c > limit}, reverse=True):
+            if not any(s["step"] == step for s in skipped):
+                skipped.append({"step": step, "reason": f"CheckpointCorrupt: step-{step} failed "
+                                                        "verification on another rank"})
+        found, more = find_resumable(root, config_hash, at_most=limit) if limit >= 0 else (None, [])
+        skipped += [s for s in more if not any(s["step"] == k["step"] for k in skipped)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,34 +224,35 @@ def fit(cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: li
                               num_training_steps=total_steps)
     state = {"step": 0, "tokens": 0, "bestVal": None, "bestStep": None, "badEvals": 0}
 
-    # 3. Resume from the newest complete checkpoint of this config.
+    # 3. Resume from the newest verified checkpoint of this config (a corrupt one is skipped and
+    # recorded); its .pt files load weights-only.
     ckpt_root = os.path.join(train_dir, CHECKPOINTS) if train_dir else None
     resumed_from = None
+    found: Optional[Resumable] = None
+    skipped: list[dict[str, Any]] = []
     if ckpt_root:
         if lead:
             clean_partial(ckpt_root)
-        found = list_checkpoints(ckpt_root, config_hash)
+        found, skipped = choose_checkpoint(ckpt_root, config_hash, world)
         if found:
             from safetensors.torch import load_file
 
-            step, path = found[-1]
+            path = found.path
             if fsdp:
                 weights = load_file(os.path.join(path, "trainable.safetensors"), device="cpu")
-                load_sharded(model, optimizer, weights,
-                             torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False))
+                load_sharded(model, optimizer, weights, load_torch(os.path.join(path, "optimizer.pt"), "cpu"))
             else:
                 weights = load_file(os.path.join(path, "trainable.safetensors"), device=str(device))
                 by_name = dict(params)
                 for name, tensor in weights.items():
                     by_name[name].data.copy_(tensor)
-                optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device,
-                                                     weights_only=False))
-            scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+                optimizer.load_state_dict(load_torch(os.path.join(path, "optimizer.pt"), device))
+            scheduler.load_state_dict(load_torch(os.path.join(path, "scheduler.pt")))
             with open(os.path.join(path, "state.json")) as f:
                 state.update(json.load(f))
-            if scaler and os.path.exists(os.path.join(path, "scaler.pt")):
-                scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=False))
-            rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
+            if scaler and "scaler.pt" in found.files:
+                scaler.load_state_dict(load_torch(os.path.join(path, "scaler.pt")))
+            rng = load_torch(os.path.join(path, "rng.pt"))
             if len(rng) == world:
                 set_rng_state(rng[rank])
             resumed_from = state["step"]
@@ -246,12 +274,12 @@ def fit(cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: li
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     tensors = [as_tensors(r) for r in train_rows]
     best_weights: Optional[dict[str, Any]] = None
-    if resumed_from is not None and os.path.exists(os.path.join(found[-1][1], BEST_FILE)):
+    if found is not None and BEST_FILE in found.files:
         from safetensors.torch import load_file
 
         # early stopping's best weights so far: without them a resumed run that stops early
         # would keep its last weights instead of the best ones
-        best_weights = load_file(os.path.join(found[-1][1], BEST_FILE), device="cpu")
+        best_weights = load_file(os.path.join(found.path, BEST_FILE), device="cpu")
     status, last_loss, diverged_value = "completed", None, None
     t_start, tokens_at_start, step_at_start = time.monotonic(), state["tokens"], state["step"]
     cpu_start = time.process_time()
@@ -466,7 +494,8 @@ def fit(cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: li
         "trainLoss": last_loss, "valLoss": state["bestVal"], "bestStep": state["bestStep"],
         "tokensTrained": state["tokens"], "tokensPerSecond": trained / duration if duration > 0 else None,
         "steadyTokensPerSecond": steady,
-        "loopSeconds": round(duration, 3), "resumedFrom": resumed_from, "worldSize": world,
+        "loopSeconds": round(duration, 3), "resumedFrom": resumed_from, "skippedCheckpoints": skipped,
+        "worldSize": world,
         "device": str(device), "trainableParameters": plan.trainable_parameters,
         "totalParameters": plan.total_parameters,
         "model": "model" if saved else None, "mergedModel": "merged" if merged else None,
