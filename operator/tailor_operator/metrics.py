@@ -18,7 +18,8 @@ from tailor_operator.api.v1alpha1 import Phase
 FAILURE_REASONS = frozenset({
     "AppFailed", "DeadlineExceeded", "Diverged", "GateFailed", "InvalidSpec", "DataInvalid", "OOMKilled",
     "ImagePullBackOff", "Unschedulable", "SubmissionFailed", "TrainerExited", "TrainerKilled", "TrainerLost",
-    "UnknownTargetModules", "RayJobFailed", "ValidationFailed",
+    "UnknownTargetModules", "RayJobFailed", "ValidationFailed", "ProgressDeadlineExceeded", "RayHeadLost",
+    "PolicyViolation", "CheckpointUnsafe",
 })
 EVAL_METRICS = ("loss", "perplexity", "accuracy", "exactMatch", "baseLoss", "basePerplexity")
 DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 16 * 3600, 24 * 3600, 48 * 3600)

@@ -34,6 +34,11 @@ FAST_ENV = {
     "TAILOR_BACKOFF_MAX_SECONDS": "4",
     "TAILOR_RESYNC_SECONDS": "15",
     "TAILOR_WORKERS": "4",
+    # This test installation opts in to what the chart's policy.* defaults refuse: most tests run
+    # the local backend on files under the repository and tmp_path (the kuberay ones on s3://, hf://
+    # and, in test_operator_kuberay's target-module check, a local model directory).
+    "TAILOR_ALLOWED_BACKENDS": "kuberay,local",
+    "TAILOR_ALLOWED_LOCAL_ROOTS": "*",
 }
 
 

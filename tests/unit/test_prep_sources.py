@@ -96,7 +96,9 @@ def test_configmap_inline_data():
 
 
 @pytest.fixture()
-def http_root(tmp_path):
+def http_root(tmp_path, monkeypatch):
+    # the server listens on loopback, which the trainer refuses unless the installation allows it
+    monkeypatch.setenv("TAILOR_ALLOW_PRIVATE_ADDRESSES", "1")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -117,6 +119,15 @@ def test_http_source(http_root):
     assert r.error.reason == "EmptySource" and "404" in r.error.message
     r = run(ds("http://127.0.0.1:1/d.jsonl"))
     assert r.error.reason == "SourceUnreachable"
+
+
+def test_http_source_on_loopback_refused_by_default(http_root, monkeypatch):
+    root, url = http_root
+    (root / "d.jsonl").write_text(jsonl(ROWS))
+    monkeypatch.delenv("TAILOR_ALLOW_PRIVATE_ADDRESSES")
+    r = run(ds(f"{url}/d.jsonl?sv=1"))
+    assert r.error.reason == "AddressNotAllowed"
+    assert "127.0.0.1" in r.error.message and "sv=1" not in r.error.message
 
 
 def test_hf_local_directory(tmp_path):

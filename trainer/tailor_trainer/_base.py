@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
 
@@ -97,10 +98,39 @@ PATTERN_HELP: dict[str, str] = {
     QUANTITY_PATTERN: "must be a Kubernetes quantity such as 4, 500m or 16Gi",
 }
 
-DataUri = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=DATA_URI_PATTERN)]
-ModelUri = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=MODEL_URI_PATTERN)]
+# Query parameters that carry a credential (presigned S3/GCS URLs, SAS tokens, API keys): such a
+# URI would put the secret in the spec, status, events and logs. Matched case-insensitively, by
+# pydantic and (as the same RE2 expression) by the API server's CEL rule.
+CREDENTIAL_QUERY_PARAMS = (
+    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
+    "x-goog-credential", "signature", "sig", "token", "access_token", "api_key", "apikey", "key",
+    "password", "secret", "awsaccesskeyid",
+)
+CREDENTIAL_QUERY_PATTERN = r"(?i)[?](.*&)?(" + "|".join(CREDENTIAL_QUERY_PARAMS) + r")="
+CREDENTIAL_QUERY_MESSAGE = "must not carry credentials in its query string"
+_CREDENTIAL_QUERY = re.compile(CREDENTIAL_QUERY_PATTERN)
+
+
+def _no_credential_query(uri: str) -> str:
+    found = _CREDENTIAL_QUERY.search(uri)
+    if found:
+        name = uri[found.start(2):found.end(2)]  # as the user spelled it; never the value
+        raise ValueError(f"{CREDENTIAL_QUERY_MESSAGE} ({name}=…); use secretRef")
+    return uri
+
+
+_NO_CREDENTIAL_QUERY = (
+    AfterValidator(_no_credential_query),
+    Field(json_schema_extra=with_cel(cel(
+        f"!self.matches('{CREDENTIAL_QUERY_PATTERN}')",
+        f"{CREDENTIAL_QUERY_MESSAGE} (e.g. X-Amz-Signature=, sig=, token=); use secretRef"))),
+)
+DataUri = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=DATA_URI_PATTERN),
+                    *_NO_CREDENTIAL_QUERY]
+ModelUri = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=MODEL_URI_PATTERN),
+                     *_NO_CREDENTIAL_QUERY]
 OutputUri = Annotated[
-    str, StringConstraints(min_length=1, max_length=2048, pattern=OUTPUT_URI_PATTERN)
+    str, StringConstraints(min_length=1, max_length=2048, pattern=OUTPUT_URI_PATTERN), *_NO_CREDENTIAL_QUERY
 ]
 
 

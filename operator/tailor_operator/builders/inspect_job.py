@@ -62,6 +62,8 @@ class InspectJobOptions:
     deadline_seconds: int = 3600
     cpu_pool_node_selector: Optional[dict[str, str]] = None
     cpu_pool_tolerations: Optional[list[dict[str, Any]]] = None
+    allow_private_addresses: bool = False
+    """Installation policy: http(s) sources may reach loopback/link-local/metadata addresses."""
 
 
 def render_dataset(resolved: ResolvedDataset) -> str:
@@ -93,6 +95,8 @@ def build_inspect_job(dataset: Dataset, key: str, options: InspectJobOptions) ->
         "command": ["sh", "-c", COMMAND],
         "env": [{"name": "TAILOR_RESULT_CONFIGMAP", "value": key}],
     }
+    if options.allow_private_addresses:
+        container["env"].append({"name": "TAILOR_ALLOW_PRIVATE_ADDRESSES", "value": "1"})
     if source.secret_ref:
         container["envFrom"] = [{"secretRef": {"name": source.secret_ref.name}}]
         volumes.append({"name": "secret-dataset", "secret": {"secretName": source.secret_ref.name}})

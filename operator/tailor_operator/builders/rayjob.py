@@ -68,6 +68,8 @@ class RayJobOptions:
     """Where the CPU-only pods of a run go (the Ray head and the submitter): the installation's
     CPU pool. The workers go where the job's own nodeSelector/tolerations say."""
     cpu_pool_tolerations: Optional[list[dict[str, Any]]] = None
+    allow_private_addresses: bool = False
+    """Installation policy: http(s) sources may reach loopback/link-local/metadata addresses."""
 
 
 def pvc_claim(uri: Optional[str]) -> Optional[str]:
@@ -202,6 +204,8 @@ def build_rayjob(
         # killer still bounds memory, and an OOMKilled pod is reported as such.
         {"name": "RAY_memory_monitor_refresh_ms", "value": "0"},
     ]
+    if options.allow_private_addresses:
+        env.append({"name": "TAILOR_ALLOW_PRIVATE_ADDRESSES", "value": "1"})
     if job.spec.output.uri.startswith("s3://"):
         env.append({"name": "TAILOR_RUN_CACHE", "value": RUN_CACHE_DIR})
     head_resources = {

@@ -19,6 +19,7 @@ from tailor_operator.reconcile import DatasetObserved, DatasetPlan, reconcile_da
 from tailor_operator.reconcile.conditions import get_condition
 from tailor_operator.reconcile.dataset import dataset_backend, duration_seconds
 from tailor_operator.reconcile.plan import DeleteValidation, Event, StartValidation
+from tailor_operator.reconcile.policy import path_allowed
 from tailor_operator.reconcile.status import status_body
 
 logger = logging.getLogger("tailor.dataset")
@@ -100,7 +101,9 @@ def _cached_fingerprint(ctx: Context, dataset: Dataset) -> Optional[str]:
     marker = (dataset.metadata.generation, dataset.spec.source.uri)
     if cached is not None and cached[0] == marker and (interval is None or time.monotonic() - cached[2] < interval):
         return cached[1]
-    fingerprint = fingerprint_path(dataset.spec.source.uri)
+    # a path the policy refuses is not read, not even to hash it (the reconcile refuses the Dataset)
+    uri = dataset.spec.source.uri
+    fingerprint = fingerprint_path(uri) if path_allowed(uri, ctx.settings) else None
     ctx.fingerprints[ident] = (marker, fingerprint, time.monotonic())
     return fingerprint
 

@@ -26,6 +26,7 @@ from tailor_operator.handlers.context import Context, access_created_event, utcn
 from tailor_operator.metrics import bounded_reason
 from tailor_operator.reconcile import JobObserved, JobPlan, reconcile_finetunejob
 from tailor_operator.reconcile.plan import ApplyPromotion, DeleteRun, Event, StartRun, StopRun
+from tailor_operator.reconcile.policy import path_allowed
 from tailor_operator.reconcile.status import status_body, write_decision
 
 logger = logging.getLogger("tailor.finetunejob")
@@ -98,7 +99,8 @@ def observe_job(ctx: Context, job: FineTuneJob) -> JobObserved:
         cm = ctx.cluster.get("ConfigMap", ns, ref.name) or {}
         data = cm.get("data") or {}
         inline = data.get(ref.key) if ref.key else next(iter(data.values()), None)
-    model_config = read_model_config(job.spec.base_model.uri) if idle else None
+    allowed = path_allowed(job.spec.base_model.uri, ctx.settings)  # else refused: not read at all
+    model_config = read_model_config(job.spec.base_model.uri) if idle and allowed else None
     slots = ctx.local.free_slots() if job.spec.backend is Backend.local else None
     return JobObserved(dataset=dataset, runs=runs, inline_data=inline, model_config=model_config,
                        local_slots=slots, target_model_uri=_target_uri(ctx, job))

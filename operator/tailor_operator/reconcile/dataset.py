@@ -30,6 +30,7 @@ from tailor_operator.builders.trainer_access import ACCESS_FAILED
 from tailor_operator.reconcile.conditions import FALSE, TRUE, UNKNOWN, get_condition, set_condition
 from tailor_operator.reconcile.observe import ValidationObservation
 from tailor_operator.reconcile.plan import DatasetPlan, DeleteValidation, Event, StartValidation, sooner
+from tailor_operator.reconcile.policy import check_dataset_policy
 from tailor_operator.reconcile.settings import OperatorSettings
 from tailor_trainer.config import ResolvedDataset
 
@@ -102,6 +103,11 @@ def reconcile_dataset(dataset: Dataset, observed: DatasetObserved, settings: Ope
         plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds * 3)
         return _stamp(old, plan, now)
 
+    problem = check_dataset_policy(dataset, dataset_backend(dataset, settings), settings)
+    if problem is not None:
+        _policy_refused(st, plan, problem.reason, problem.message, now, generation)
+        return _stamp(old, plan, now)
+
     key = validation_key(dataset, observed.fingerprint, now)
     revision = dataset.spec.revision or observed.fingerprint
     v = observed.validation
@@ -149,6 +155,14 @@ def _access_blocked(st: DatasetStatus, plan: DatasetPlan, message: str, now: dat
     ready = get_condition(st.conditions, "Ready")
     if ready is None or ready.status is not TRUE:
         st.conditions = set_condition(st.conditions, "Ready", FALSE, ACCESS_FAILED, message, now, generation)
+
+
+def _policy_refused(st: DatasetStatus, plan: DatasetPlan, reason: str, message: str, now: datetime,
+                    generation: Optional[int]) -> None:
+    """The Dataset asks for what the installation does not allow: no validation, Ready is False
+    (jobs cannot use it) until its spec or the policy changes."""
+    _not_ready(st, plan, reason, message, now, generation)
+    st.observed_generation = generation
 
 
 def _not_ready(st: DatasetStatus, plan: DatasetPlan, reason: str, message: str, now: datetime,

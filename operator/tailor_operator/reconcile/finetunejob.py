@@ -52,6 +52,7 @@ from tailor_operator.reconcile.plan import (
     StopRun,
     sooner,
 )
+from tailor_operator.reconcile.policy import check_job_policy
 from tailor_operator.reconcile.promotion import decide, metric_values
 from tailor_operator.reconcile.semantic import check_target_modules
 from tailor_operator.reconcile.settings import OperatorSettings
@@ -59,7 +60,9 @@ from tailor_trainer.config import ChampionRef
 
 # A retry cannot fix these: the same config fails the same way.
 NON_RETRYABLE = frozenset({"InvalidSpec", "DataInvalid", "GateFailed", "Diverged", "DeadlineExceeded",
-                           "UnknownTargetModules"})
+                           "UnknownTargetModules", "PolicyViolation",
+                           # a checkpoint that verifies but would run code: someone rewrote it
+                           "CheckpointUnsafe"})
 # Pod problems that hold a run back (shown in error while queued).
 WAITING_PROBLEMS = frozenset({"Unschedulable", "ImagePullBackOff", "CreateContainerConfigError",
                               "CrashLoopBackOff", "OOMKilled", "ReplicaFailure"})
@@ -392,6 +395,8 @@ def _maybe_start_run(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObser
     if why is None:
         st.observed_generation = generation  # nothing to do for this spec until the next trigger
         return
+    if _policy_refused(job, st, settings, now, plan):
+        return
     first = st.run_count == 0
     if not _dataset_ready(st):
         dv = get_condition(st.conditions, "DataValidated")
@@ -433,6 +438,22 @@ def _maybe_start_run(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObser
     _start(job, st, run, 1, observed, settings, now, plan)
     revision = f" on dataset revision {st.dataset_revision}" if st.dataset_revision else ""
     plan.events.append(Event("Normal", "RunStarted", f"starting run {run}{revision} ({why})"))
+
+
+def _policy_refused(job: FineTuneJob, st: FineTuneJobStatus, settings: OperatorSettings, now: datetime,
+                    plan: JobPlan) -> bool:
+    """The spec asks for what the installation does not allow (reconcile/policy.py): no run; the
+    job is Failed until its spec changes (or the operator's policy does: the check runs again)."""
+    problem = check_job_policy(job, settings)
+    if problem is None:
+        return False
+    if st.error is None or st.error.message != problem.message or st.phase is not Phase.failed:
+        plan.events.append(Event("Warning", problem.reason, problem.message))
+    st.phase = Phase.failed
+    st.error = JobError(reason=problem.reason, message=problem.message[:4096], field=problem.field)
+    st.conditions = set_condition(st.conditions, "Failed", TRUE, problem.reason, problem.message, now)
+    st.observed_generation = job.metadata.generation
+    return True
 
 
 def _fold_progress(st: FineTuneJobStatus, doc: Optional[dict[str, Any]]) -> None:

@@ -61,11 +61,38 @@ class OperatorSettings:
     """JSON list of NetworkPolicyIngressRules also admitted (empty: the KubeRay operator's pods, any
     namespace, on the dashboard port 8265)."""
 
+    # Policy: what tenants (anyone who may create Datasets and FineTuneJobs) may ask for. The
+    # defaults are the chart's: kuberay only, the installation's image, no local paths, no
+    # link-local/loopback/metadata http(s) sources. reconcile/policy.py applies them.
+    allowed_backends: str = "kuberay"
+    """Backends a FineTuneJob's spec.backend (and a Dataset's tailor.dev/backend annotation) may
+    name: a JSON list or comma-separated. `local` runs trainers inside the operator's pod, with its
+    environment and ServiceAccount: allow it only where every tenant is trusted (a laptop, CI)."""
+    allow_image_override: bool = False
+    """Whether spec.resources.image may replace the trainer image."""
+    allowed_image_prefixes: str = ""
+    """When overrides are allowed: the image references they must start with (JSON list or
+    comma-separated; empty: any)."""
+    allowed_local_roots: str = ""
+    """Directories under which file:// and bare-path URIs (Dataset source, base model, output) are
+    accepted: JSON list or comma-separated absolute paths, `*` for any path; empty: none (pvc://)."""
+    allow_private_addresses: bool = False
+    """Let http(s) Dataset sources reach link-local, loopback, unspecified and cloud metadata
+    addresses (the trainer reads the same TAILOR_ALLOW_PRIVATE_ADDRESSES variable)."""
+
     def __post_init__(self) -> None:
         if self.trainer_image_pull_policy not in PULL_POLICIES:
             raise ValueError(f"trainer_image_pull_policy must be one of {', '.join(PULL_POLICIES)}, "
                              f"not {self.trainer_image_pull_policy!r}")
         self.cpu_pool()  # fail at start-up, not at the first RayJob
+        unknown = [b for b in self.backends() if b not in {m.value for m in Backend}]
+        if unknown:
+            raise ValueError(f"allowed_backends names unknown backends {unknown}; known: "
+                             f"{', '.join(m.value for m in Backend)}")
+        relative = [r for r in self.local_roots() if r != "*" and not r.startswith("/")]
+        if relative:
+            raise ValueError(f"allowed_local_roots must be absolute paths or *, not {relative}")
+        self.image_prefixes()
         self.network_policy_ingress()
 
     def cpu_pool(self) -> tuple[Optional[dict[str, str]], Optional[list[dict[str, Any]]]]:
@@ -79,6 +106,15 @@ class OperatorSettings:
                                             and all(isinstance(t, dict) for t in tolerations)):
             raise ValueError(f"cpu_pool_tolerations must be a JSON list of objects, not {tolerations!r}")
         return selector or None, tolerations or None
+
+    def backends(self) -> tuple[str, ...]:
+        return _string_list("allowed_backends", self.allowed_backends)
+
+    def image_prefixes(self) -> tuple[str, ...]:
+        return _string_list("allowed_image_prefixes", self.allowed_image_prefixes)
+
+    def local_roots(self) -> tuple[str, ...]:
+        return _string_list("allowed_local_roots", self.allowed_local_roots)
 
     def network_policy_ingress(self) -> tuple[dict[str, Any], ...]:
         """The extra ingress rules of each run's NetworkPolicy, parsed from their JSON setting."""
@@ -101,6 +137,7 @@ class OperatorSettings:
             cluster_ttl_seconds=self.cluster_ttl_seconds,
             cpu_pool_node_selector=selector,
             cpu_pool_tolerations=tolerations,
+            allow_private_addresses=self.allow_private_addresses,
         )
 
     def inspect_options(self) -> InspectJobOptions:
@@ -114,8 +151,23 @@ class OperatorSettings:
             memory=self.validation_memory,
             cpu_pool_node_selector=selector,
             cpu_pool_tolerations=tolerations,
+            allow_private_addresses=self.allow_private_addresses,
         )
 
     def backoff_seconds(self, failed_attempts: int) -> float:
         """Delay before the next attempt after `failed_attempts` failures (1, 2, ...)."""
         return min(self.backoff_base_seconds * 2 ** max(failed_attempts - 1, 0), self.backoff_max_seconds)
+
+
+def _string_list(name: str, raw: str) -> tuple[str, ...]:
+    """A JSON list of strings (what the chart writes with toJson) or a comma-separated list."""
+    text = raw.strip()
+    if not text:
+        return ()
+    if text.startswith("["):
+        items = json.loads(text)
+        if not (isinstance(items, list) and all(isinstance(i, str) for i in items)):
+            raise ValueError(f"{name} must be a JSON list of strings, not {items!r}")
+    else:
+        items = text.split(",")
+    return tuple(i.strip() for i in items if i.strip())

@@ -9,6 +9,7 @@ Dataset's Ready condition can carry.
 from __future__ import annotations
 
 import glob as globlib
+import http
 import io
 import os
 import urllib.error
@@ -16,7 +17,7 @@ import urllib.request
 from contextlib import closing
 from typing import Any, BinaryIO, Callable, Iterator, Optional
 
-from tailor_trainer import storage
+from tailor_trainer import netpolicy, storage
 from tailor_trainer.config import DataFormat, ResolvedDataset
 from tailor_trainer.data import DataError
 from tailor_trainer.data.formats import RawRow, infer_format, read_rows
@@ -33,12 +34,16 @@ def _visible(path: str) -> bool:
     return not any(part.startswith((".", "_")) for part in path.replace("\\", "/").split("/") if part)
 
 
-def _access_error(uri: str, err: BaseException) -> DataError:
-    """Map a storage exception onto a Ready reason with a message the user can act on."""
+def _access_error(uri: str, err: BaseException, *, reading: bool = False) -> DataError:
+    """Map a storage exception onto a Ready reason with a message the user can act on.
+
+    ``reading``: the error came while a file's bytes were decoded (gzip, a stream cut short), so
+    its text may quote them ("Not a gzipped file (b'..')"): only its kind is shown then. Listing
+    and opening errors come from the storage client and describe the request, not the data."""
     name = type(err).__name__
-    text = str(err) or name
+    text = (getattr(err, "strerror", None) or name) if reading else (str(err) or name)
     denied = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403")
-    if isinstance(err, PermissionError) or any(d in text for d in denied):
+    if isinstance(err, PermissionError) or (not reading and any(d in text for d in denied)):
         return DataError("AccessDenied", f"cannot read {uri}: access denied ({text}); check the "
                          "credentials in the Secret named by source.secretRef")
     if name in ("NoCredentialsError", "PartialCredentialsError"):
@@ -110,13 +115,18 @@ def _s3_files(uri: str) -> list[tuple[str, Opener]]:
 def _http_open(url: str) -> BinaryIO:
     req = urllib.request.Request(url, headers={"User-Agent": "tailor-trainer"})
     try:
-        return urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S)  # noqa: S310 (scheme checked)
+        return netpolicy.open_url(req, HTTP_TIMEOUT_S, error=DataError)  # refuses metadata/loopback hosts
     except urllib.error.HTTPError as e:
+        # The standard phrase, not the server's (which is the server's content).
+        try:
+            phrase = http.HTTPStatus(e.code).phrase
+        except ValueError:
+            phrase = "error"
         if e.code in (401, 403):
-            raise DataError("AccessDenied", f"cannot read {url}: HTTP {e.code} {e.reason}") from None
+            raise DataError("AccessDenied", f"cannot read {url}: HTTP {e.code} {phrase}") from None
         if e.code == 404:
             raise DataError("EmptySource", f"{url}: HTTP 404 not found") from None
-        raise DataError("SourceUnreachable", f"cannot read {url}: HTTP {e.code} {e.reason}") from None
+        raise DataError("SourceUnreachable", f"cannot read {url}: HTTP {e.code} {phrase}") from None
     except (urllib.error.URLError, OSError) as e:
         raise DataError("SourceUnreachable", f"cannot read {url}: {getattr(e, 'reason', e)}") from None
 
@@ -149,6 +159,27 @@ def list_files(ds: ResolvedDataset) -> list[tuple[str, Opener]]:
 # ---------------------------------------------------------------------------------------------
 # Hugging Face datasets
 
+# Errors about reaching a dataset (which one, access, network), whose text describes the request.
+# Any other error from `datasets` (a builder parsing files) may quote the data: its type only.
+_HF_ACCESS_ERRORS = frozenset({
+    "DatasetNotFoundError", "RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError",
+    "EntryNotFoundError", "LocalEntryNotFoundError", "HfHubHTTPError", "HTTPError", "ConnectionError",
+    "ConnectTimeout", "ReadTimeout", "Timeout", "OfflineModeIsEnabled", "FileNotFoundError",
+})
+
+
+def _hf_error(uri: str, err: Exception) -> DataError:
+    name = type(err).__name__
+    if name in _HF_ACCESS_ERRORS:
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        detail = f"{name}: {first}" if first else name
+    else:
+        detail = (f"{name} (details not shown: they may quote the data; load it with the datasets "
+                  "library yourself to see them)")
+    if isinstance(err, FileNotFoundError):
+        return DataError("EmptySource", f"{uri}: {detail}")
+    return DataError("SourceUnreachable", f"cannot load {uri}: {detail}")
+
 
 def _hf_rows(uri: str, token: Optional[str]) -> Iterator[dict[str, Any]]:
     """Rows of hf://org/name (split "train", streamed) or hf:///local/dir (save_to_disk or data files)."""
@@ -170,11 +201,12 @@ def _hf_rows(uri: str, token: Optional[str]) -> Iterator[dict[str, Any]]:
         stream = datasets.load_dataset(local or target.strip("/"), split="train", streaming=True, token=token)
     except DataError:
         raise
-    except FileNotFoundError as e:
-        raise DataError("EmptySource", f"{uri}: {e}") from None
     except Exception as e:
-        raise DataError("SourceUnreachable", f"cannot load {uri}: {type(e).__name__}: {e}") from None
-    yield from stream
+        raise _hf_error(uri, e) from None
+    try:
+        yield from stream
+    except Exception as e:  # streaming reads and parses lazily: the same errors, mid-stream
+        raise _hf_error(uri, e) from None
 
 
 def iter_source(ds: ResolvedDataset, required: tuple[str, ...] = ()) -> Iterator[RawRow]:
@@ -187,14 +219,17 @@ def iter_source(ds: ResolvedDataset, required: tuple[str, ...] = ()) -> Iterator
         return
     for name, opener in list_files(ds):
         fmt = infer_format(name, ds.format)
-        stream = opener()
+        try:
+            stream = opener()
+        except OSError as e:  # a local file that cannot be opened (permissions)
+            raise _access_error(name, e) from None
         with closing(stream):
             try:
                 yield from read_rows(stream, name, fmt, required)
             except DataError:
                 raise
             except (OSError, EOFError) as e:
-                raise _access_error(name, e) from None
+                raise _access_error(name, e, reading=True) from None
 
 
 __all__ = ["DataFormat", "iter_source", "list_files"]
