@@ -199,7 +199,9 @@ def test_csv_line_numbers_follow_multiline_fields(tmp_path):
     r = run(dataset(f, schema="completion"))
     assert r.rows == 2
     assert [(e["line"], e["reason"]) for e in r.first_errors] == [(4, "BadCSV"), (5, "InvalidUTF8")]
-    assert "'prompt'" in r.first_errors[1]["message"]
+    assert r.first_errors[0]["message"] == "line 4: 3 fields, the header has 2"
+    # The field by number; its header cell too because the spec names it (schema column).
+    assert r.first_errors[1]["message"].startswith("line 5: invalid UTF-8 in field 1 ('prompt')")
 
 
 def test_max_bad_fraction(tmp_path):
@@ -216,7 +218,9 @@ def test_missing_column_is_specific(tmp_path):
     f = write_lines(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(5)])
     r = run(dataset(f, schema="completion"))
     assert r.error.reason == "MissingColumn"
-    assert "'prompt'" in r.error.message and "answer, question" in r.error.message
+    assert "'prompt'" in r.error.message and "5 parsed; 2 column names seen" in r.error.message
+    # The file's own column names are content and never echoed (a JSON key may be a secret).
+    assert "question" not in r.error.message and "answer" not in r.error.message
     assert "columnMap" in r.error.message
     r = run(dataset(f, schema="completion", columnMap={"prompt": "question", "completion": "answer"}))
     assert r.error is None and r.rows == 5
@@ -225,6 +229,7 @@ def test_missing_column_is_specific(tmp_path):
     c.write_text("question,answer\nq,a\n")
     r = run(dataset(c, schema="completion", columnMap={"prompt": "question"}))
     assert r.error.reason == "MissingColumn" and "'completion'" in r.error.message
+    assert "the header has 2 columns" in r.error.message and "answer" not in r.error.message
 
 
 def test_empty_source_and_all_dropped(tmp_path):

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import Any, Optional, Protocol
 
 from tailor_trainer.config import ProgressSink, RunInfo
+from tailor_trainer.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,10 @@ class Reporter:
         self.close()
 
     def fail(self, reason: str, message: str, field: Optional[str] = None) -> None:
+        # The error lands in FineTuneJob.status and Events: mask credential-shaped text (an
+        # internal error's text may carry a signed URL or a token from a client library).
         with self._lock:
-            self.doc.update(state="Failed", error={"reason": reason, "message": message[:4096],
+            self.doc.update(state="Failed", error={"reason": reason, "message": redact(message)[:4096],
                                                    "field": field}, finishedAt=utcnow())
             self._write(True)
         self.close()

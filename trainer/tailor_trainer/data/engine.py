@@ -33,6 +33,7 @@ from tailor_trainer.data.sources import iter_source
 from tailor_trainer.data.split import SPLITS, assign_fold, assign_split
 from tailor_trainer.data.tokenize import IGNORE_INDEX, Encoder
 from tailor_trainer.data.writer import RowWriter
+from tailor_trainer.redact import redact
 
 MAX_ERRORS = 20
 
@@ -223,8 +224,8 @@ def _run(ds: ResolvedDataset, opts: PrepOptions, r: PrepResult, staging: str) ->
             (key, reason), message = issue
             r.dropped[key] += 1
             if len(r.first_errors) < MAX_ERRORS:
-                r.first_errors.append({"line": raw.line, "file": raw.file, "reason": reason,
-                                       "message": message})
+                r.first_errors.append({"line": raw.line, "file": redact(raw.file), "reason": reason,
+                                       "message": redact(message)})
             continue
         drop = cleaner.clean(mapped)
         if drop is None:
@@ -271,10 +272,15 @@ def _check(ds: ResolvedDataset, r: PrepResult, mapper: SchemaMapper) -> None:
     col = mapper.missing_column()
     if col is not None:
         src = mapper.source[col]
-        seen = ", ".join(sorted(mapper.seen_keys)[:20]) or "none"
+        # The columns the rows do have are file content (a JSON key can be a Secret's value):
+        # only their number is reported.
+        n = len(mapper.seen_keys)
+        seen = f"{min(n, 64)}{'+' if n >= 64 else ''} column name{'s' if n != 1 else ''}"
         hint = f"column {col!r}" if src == col else f"column {src!r} (mapped to {col!r})"
-        raise DataError("MissingColumn", f"{where}: {hint} is missing from every row (columns seen: "
-                        f"{seen}); map it with columnMap, e.g. columnMap: {{{col}: <source column>}}")
+        raise DataError("MissingColumn", f"{where}: {hint} is missing from every row ({mapper.mapped} "
+                        f"parsed; {seen} seen, not shown: they are file content); check the "
+                        f"source's column names, or map it with columnMap, e.g. "
+                        f"columnMap: {{{col}: <source column>}}")
     limit = ds.preprocessing.max_bad_fraction
     if r.bad / r.rows_read > limit:
         first = r.first_errors[0] if r.first_errors else None

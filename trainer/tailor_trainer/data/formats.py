@@ -3,6 +3,10 @@
 Nothing here holds more than one line (JSONL, text, CSV) or one record batch (Parquet) at a
 time, so memory does not grow with the file. A malformed line becomes a row carrying an issue
 instead of an exception, so the caller can count it and go on.
+
+Messages (row issues and :class:`DataError`) never quote the file: no header cells, values or
+parser text that may echo bytes of it (see :class:`DataError`). They say where (file, line,
+field number) and what kind of problem, which is enough to open the file and look.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import codecs
 import csv
 import io
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -67,11 +72,32 @@ def infer_format(name: str, declared: Optional[DataFormat]) -> DataFormat:
     return DataFormat.jsonl
 
 
+# Parser messages that carry no bytes of the input (CPython's json and csv). Anything else is
+# reported by kind only: some parser messages quote the offending character or text.
+_JSON_PROBLEMS = ("Expecting value", "Expecting ',' delimiter", "Expecting ':' delimiter",
+                  "Expecting property name enclosed in double quotes", "Unterminated string starting at",
+                  "Invalid control character", "Invalid \\uXXXX escape", "Invalid \\escape",
+                  "Extra data")
+_CSV_PROBLEM = re.compile(r"(?:field larger than field limit \(\d+\)|line contains NUL|unexpected end of "
+                          r"data|new-line character seen in unquoted field|'.' expected after '\"')")
+
+
+def json_problem(e: json.JSONDecodeError) -> str:
+    """What is wrong with a JSON text, without quoting it."""
+    return next((p for p in _JSON_PROBLEMS if e.msg.startswith(p)), "invalid JSON")
+
+
+def csv_problem(e: csv.Error) -> str:
+    """What is wrong with a CSV record, without quoting it."""
+    m = _CSV_PROBLEM.match(str(e))
+    return m.group(0) if m else "malformed CSV record"
+
+
 def _decode(raw: bytes, lineno: int) -> tuple[Optional[str], Optional[str]]:
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as e:
-        return None, f"line {lineno}: invalid UTF-8 byte 0x{raw[e.start]:02x} at byte {e.start + 1}"
+        return None, f"line {lineno}: invalid UTF-8 at byte {e.start + 1} (save the file as UTF-8)"
 
 
 def read_jsonl(stream: BinaryIO, file: str) -> Iterator[RawRow]:
@@ -93,7 +119,8 @@ def read_jsonl(stream: BinaryIO, file: str) -> Iterator[RawRow]:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
-            yield RawRow(file, lineno, issue=(BAD_JSON, f"line {lineno}: {e.msg} (column {e.colno})"))
+            yield RawRow(file, lineno, issue=(
+                BAD_JSON, f"line {lineno}: {json_problem(e)} (column {e.colno})"))
             continue
         if not isinstance(value, dict):
             yield RawRow(file, lineno, issue=(
@@ -134,11 +161,11 @@ def read_csv(stream: BinaryIO, file: str, required: tuple[str, ...] = ()) -> Ite
     except StopIteration:
         return
     except csv.Error as e:
-        raise DataError("BadHeader", f"{file}: cannot read the CSV header: {e}") from None
+        raise DataError("BadHeader", f"{file}: cannot read the CSV header: {csv_problem(e)}") from None
     header = [h.strip() for h in header]
     missing = [c for c in required if c not in header]
     if missing:
-        raise DataError("MissingColumn", missing_column_message(file, missing[0], header))
+        raise DataError("MissingColumn", missing_column_message(file, missing[0], len(header), "header"))
     prev_end = reader.line_num
     while True:
         start = prev_end + 1
@@ -148,7 +175,7 @@ def read_csv(stream: BinaryIO, file: str, required: tuple[str, ...] = ()) -> Ite
             return
         except csv.Error as e:
             prev_end = reader.line_num
-            yield RawRow(file, start, issue=(BAD_CSV, f"line {start}: {e}"))
+            yield RawRow(file, start, issue=(BAD_CSV, f"line {start}: {csv_problem(e)}"))
             continue
         prev_end = reader.line_num
         if not fields or (len(fields) == 1 and not fields[0].strip()):
@@ -157,9 +184,12 @@ def read_csv(stream: BinaryIO, file: str, required: tuple[str, ...] = ()) -> Ite
             yield RawRow(file, start, issue=(
                 BAD_CSV, f"line {start}: {len(fields)} fields, the header has {len(header)}"))
             continue
-        bad = next((h for h, v in zip(header, fields) if _has_surrogates(v)), None)
+        bad = next((i for i, v in enumerate(fields) if _has_surrogates(v)), None)
         if bad is not None:
-            yield RawRow(file, start, issue=(INVALID_UTF8, f"line {start}: invalid UTF-8 in field {bad!r}"))
+            # The field's number; its header cell only when the spec names it (else it is content).
+            col = f" ({header[bad]!r})" if header[bad] in required else ""
+            yield RawRow(file, start, issue=(INVALID_UTF8, f"line {start}: invalid UTF-8 in field "
+                                                           f"{bad + 1}{col} (save the file as UTF-8)"))
             continue
         yield RawRow(file, start, dict(zip(header, fields)))
 
@@ -185,22 +215,35 @@ def read_parquet(stream: BinaryIO, file: str, required: tuple[str, ...] = (),
     try:
         pf = pq.ParquetFile(_seekable(stream))
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError on a file that is not Parquet
-        raise DataError("BadParquet", f"{file}: not a readable Parquet file: {e}") from None
+        # The type only: pyarrow's text may quote the file's schema (column names are content).
+        raise DataError("BadParquet", f"{file}: not a readable Parquet file ({type(e).__name__})") from None
     names = pf.schema_arrow.names
     missing = [c for c in required if c not in names]
     if missing:
-        raise DataError("MissingColumn", missing_column_message(file, missing[0], names))
+        raise DataError("MissingColumn", missing_column_message(file, missing[0], len(names), "schema"))
     row = 0
-    for batch in pf.iter_batches(batch_size=batch_rows):
-        for value in batch.to_pylist():
+    batches = pf.iter_batches(batch_size=batch_rows)
+    while True:
+        try:
+            batch = next(batches, None)
+            values = batch.to_pylist() if batch is not None else None
+        except Exception as e:  # a corrupt row group or an unsupported type, mid-file
+            raise DataError("BadParquet", f"{file}: cannot read the rows after row {row} "
+                            f"({type(e).__name__})") from None
+        if values is None:
+            return
+        for value in values:
             row += 1
             yield RawRow(file, row, value)
 
 
-def missing_column_message(file: str, column: str, seen: list[str]) -> str:
-    cols = ", ".join(seen[:20]) or "none"
-    return (f"{file}: column {column!r} not found (columns: {cols}); "
-            f"rename it with columnMap, e.g. columnMap: {{<schema column>: <source column>}}")
+def missing_column_message(file: str, column: str, count: int, where: str) -> str:
+    """MissingColumn for a header (CSV) or schema (Parquet) that lacks ``column``. The file's own
+    column names are not listed: they are content (a Secret's value, read as a CSV header)."""
+    return (f"{file}: column {column!r} not found; the {where} has {count} "
+            f"column{'s' if count != 1 else ''} (their names are file content, not shown here: "
+            f"look at the file's {where}); rename it with columnMap, e.g. "
+            f"columnMap: {{<schema column>: <source column>}}")
 
 
 def read_rows(stream: BinaryIO, file: str, fmt: DataFormat, required: tuple[str, ...] = ()) -> Iterator[RawRow]:

@@ -14,7 +14,7 @@ import json
 from typing import Any, Optional, Union
 
 from tailor_trainer.config import SCHEMA_COLUMNS, DataSchema
-from tailor_trainer.data.formats import MISSING_FIELD, WRONG_TYPE
+from tailor_trainer.data.formats import MISSING_FIELD, WRONG_TYPE, json_problem
 
 Fields = dict[str, Any]
 Issue = tuple[tuple[str, str], str]  # ((dropKey, Reason), message)
@@ -25,7 +25,11 @@ _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "use
 
 
 class SchemaMapper:
-    """Maps source columns to canonical fields; remembers which columns were never seen."""
+    """Maps source columns to canonical fields; remembers which columns were never seen.
+
+    ``seen_keys`` (up to 64 column names found in rows) is for counting only: the names are
+    file content and never go into a message.
+    """
 
     def __init__(self, schema: DataSchema, column_map: dict[str, str]):
         self.schema = schema
@@ -89,7 +93,8 @@ def _messages(v: Any, line: int, name: str) -> Union[list[dict[str, str]], Issue
         try:
             v = json.loads(v)
         except json.JSONDecodeError as e:
-            return WRONG_TYPE, f"line {line}: field '{name}' is a string but not a JSON list ({e.msg})"
+            return WRONG_TYPE, (f"line {line}: field '{name}' is a string but not a JSON list "
+                                f"({json_problem(e)})")
     if not isinstance(v, list):
         return WRONG_TYPE, f"line {line}: field '{name}' must be a list of messages, got {_type(v)}"
     out = []

@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 from tailor_trainer.config import TrainerConfig
+from tailor_trainer.redact import redact
 
 STAGE_ORDER: tuple[str, ...] = ("prep", "adapt", "train", "evaluate")
 
@@ -26,12 +27,15 @@ STAGE_ORDER: tuple[str, ...] = ("prep", "adapt", "train", "evaluate")
 
 
 class StageError(Exception):
-    """A failure with a reason the operator shows as is; ``exit_code`` 1 unless said otherwise."""
+    """A failure with a reason the operator shows as is; ``exit_code`` 1 unless said otherwise.
+
+    The message goes to the status, Events and the log: credential-shaped text is masked."""
 
     reason = "StageFailed"
     exit_code = 1
 
     def __init__(self, message: str, *, field: Optional[str] = None, reason: Optional[str] = None):
+        message = redact(message)
         super().__init__(message)
         self.message = message
         self.field = field

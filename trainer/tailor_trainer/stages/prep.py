@@ -10,10 +10,12 @@ after writing ``status.json``, so the user sees exactly which lines and rules fa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import traceback
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
@@ -22,6 +24,8 @@ from tailor_trainer.config import ResolvedDataset, TrainerConfig
 from tailor_trainer.data import DataError
 from tailor_trainer.data.engine import PrepOptions, PrepResult, prepare
 from tailor_trainer.data.split import SPLITS
+
+log = logging.getLogger("tailor_trainer.prep")
 
 STAGE = "prep"
 FILES = {s: f"{s}.parquet" for s in SPLITS}
@@ -180,8 +184,11 @@ def inspect_dataset(ds: ResolvedDataset, tokenizer: Optional[str] = None,
         try:
             tok = load_tokenizer(tokenizer)
         except Exception as e:  # any failure to load is reported, not raised
-            result = PrepResult(error=DataError("TokenizerUnavailable",
-                                                f"cannot load tokenizer {tokenizer}: {type(e).__name__}: {e}"))
+            # the exception's text is not shown: it may quote a file the path points at
+            log.warning("cannot load tokenizer %s: %s", tokenizer, type(e).__name__)
+            result = PrepResult(error=DataError(
+                "TokenizerUnavailable", f"cannot load tokenizer {tokenizer}: {type(e).__name__} (run `tailor "
+                                        "dataset inspect` locally with TAILOR_DEBUG=1 for the details)"))
             return build_status(ds, result)
     result = prepare(ds, PrepOptions(tokenizer=tok, max_seq_length=max_seq_length,
                                      seed=ds.split.seed))
@@ -210,7 +217,12 @@ def main_inspect(dataset_json_path: str, tokenizer: Optional[str] = None,
     except Exception as e:  # a bug, not a data problem: still no traceback for the user
         if os.environ.get("TAILOR_DEBUG"):
             raise
-        status = build_status(ds, PrepResult(error=DataError("InternalError", f"{type(e).__name__}: {e}")))
+        # type only: the text of an unexpected error may quote the data (the validation pod's log
+        # has the traceback)
+        traceback.print_exc()
+        status = build_status(ds, PrepResult(error=DataError(
+            "InternalError", f"{type(e).__name__} while validating (details in the validation pod's log; "
+                             "locally: TAILOR_DEBUG=1)")))
     if result_file:
         storage.write_json_atomic(result_file, status)
     print(json.dumps(status, indent=2) if output == "json" else _text_report(ds.name, status))
