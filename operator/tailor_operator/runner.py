@@ -92,7 +92,7 @@ def run_operator(namespaces: list[str], all_namespaces: bool, metrics_port: int,
 
     @kopf.on.startup(registry=registry)
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        configure(settings, workers)
+        configure(settings, workers, clusterwide=all_namespaces)
         ctx.queue.start()
 
     @kopf.on.cleanup(registry=registry)

@@ -285,3 +285,50 @@ def test_missing_operator_permission_is_named_and_retried(control_plane, k8s_cli
     finally:
         operator.stop()
         cp.kubectl("delete", "clusterrolebinding,clusterrole", name, "--ignore-not-found")
+
+
+def test_operator_runs_namespaced_with_exactly_the_charts_roles(control_plane, k8s_client, namespace,
+                                                                tmp_path) -> None:
+    """watchNamespaces={ns}: Roles in that namespace only (and CRD discovery). The operator, as the
+    chart's ServiceAccount watching that namespace, validates, starts a RayJob with its
+    NetworkPolicy, creates the trainer's account and cleans up on deletion; it can write nothing
+    in another namespace or in kube-system, and read no Secret anywhere."""
+    cp = control_plane
+    _install(cp, "--set", f"watchNamespaces={{{namespace}}}")
+    cp.stop_kuberay()
+    kube = Kube(k8s_client, namespace)
+    operator = OperatorProcess(cp.kubeconfigs["tailor"], tmp_path / "op", namespaces=[namespace],
+                               env={"TAILOR_TRAINER_SERVICE_ACCOUNT": "tailor-trainer"}).start()
+    try:
+        kube.apply(dataset_manifest("tickets"))
+        wait_until(lambda: kube.list("Job", {"tailor.dev/dataset": "tickets"}), 30, what="validation Job",
+                   on_timeout=operator.log_tail)
+        assert kube.get("Role", "tailor-trainer") is not None  # created by the operator, in its namespace
+        kube.publish_validation("tickets", ready_result())
+        wait_until(lambda: kube.condition("Dataset", "tickets", "Ready").get("status") == "True", 30,
+                   what="Ready", on_timeout=operator.log_tail)
+        kube.apply(job_manifest("scoped"))
+        wait_until(lambda: kube.get("RayJob", "scoped-r1"), 30, what="RayJob", on_timeout=operator.log_tail)
+        assert kube.get("NetworkPolicy", "scoped-r1") is not None
+        kube.set_rayjob_status("scoped-r1", "Running", "RUNNING")
+        wait_until(lambda: kube.status("FineTuneJob", "scoped").get("phase") == "Running", 30, what="Running",
+                   on_timeout=operator.log_tail)
+        kube.delete("FineTuneJob", "scoped")
+        wait_until(lambda: kube.get("FineTuneJob", "scoped") is None and kube.get("RayJob", "scoped-r1") is None
+                   and kube.get("NetworkPolicy", "scoped-r1") is None, 30, what="finalizer cleanup",
+                   on_timeout=operator.log_tail)
+        assert "Forbidden" not in Path(operator.log_path).read_text()
+    finally:
+        operator.stop()
+        cp.helm("uninstall", "tailor", "-n", RELEASE_NS, "--wait", "--timeout", "60s")
+    sa = f"system:serviceaccount:{RELEASE_NS}:tailor"
+    checks = [("create", "configmaps", "default", "no"), ("create", "rayjobs.ray.io", "default", "no"),
+              ("delete", "jobs.batch", "kube-system", "no"), ("create", "configmaps", "kube-system", "no"),
+              ("update", "finetunejobs.tailor.dev", "default", "no"), ("get", "secrets", namespace, "no")]
+    _install(cp, "--set", f"watchNamespaces={{{namespace}}}")
+    try:
+        for verb, resource, ns, expected in checks + [("create", "configmaps", namespace, "yes")]:
+            r = cp.kubectl("auth", "can-i", verb, resource, "-n", ns, "--as", sa)
+            assert r.stdout.strip() == expected, (verb, resource, ns, r.stdout, r.stderr)
+    finally:
+        cp.helm("uninstall", "tailor", "-n", RELEASE_NS, "--wait", "--timeout", "60s")

@@ -70,9 +70,12 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
                 ctx.queue.add(("Dataset", ns, labels[LABEL_DATASET]))
 
 
-def configure(settings: kopf.OperatorSettings, workers: int) -> None:
+def configure(settings: kopf.OperatorSettings, workers: int, clusterwide: bool = True) -> None:
     """kopf settings: our own finalizer name, no peering, server-side label selectors for children,
-    and kopf's own bookkeeping (only used by the delete handler) kept in annotations."""
+    and kopf's own bookkeeping (only used by the delete handler) kept in annotations. Watching
+    named namespaces, no cluster scan: the chart's namespaced mode grants no `list namespaces`,
+    and kopf's scan would retry that for half a minute before watching anything."""
+    settings.scanning.disabled = not clusterwide
     settings.persistence.finalizer = "tailor.dev/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tailor.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="tailor.dev")
