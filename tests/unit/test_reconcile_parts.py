@@ -375,6 +375,13 @@ def test_fingerprint_and_model_config(tmp_path: Path) -> None:
     assert fingerprint_path(str(tmp_path / "*.jsonl")) != one
     assert fingerprint_path("s3://bucket/x.jsonl") is None
     assert fingerprint_path(str(tmp_path / "missing.jsonl")) is None
+    # what streams without end is not read: a FIFO (no writer: opening it would block), a device,
+    # /proc's size-0 files; a budget bounds the rest
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    assert fingerprint_path(str(tmp_path / "pipe.jsonl")) is None
+    assert fingerprint_path("/dev/zero") is None
+    assert fingerprint_path("/proc/self/status") == fingerprint_path("/proc/self/status")
+    assert fingerprint_path(str(tmp_path / "a.jsonl"), budget_seconds=-1) is None
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert read_model_config(str(tmp_path)) == {"model_type": "llama"}
     assert read_model_config("hf://org/model") is None

@@ -9,9 +9,11 @@ from __future__ import annotations
 import glob as _glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -25,6 +27,8 @@ from tailor_operator.builders.inspect_job import render_dataset
 from tailor_operator.reconcile.observe import RunObservation, ValidationObservation, observe_local_run
 from tailor_operator.reconcile.plan import StartRun, StartValidation
 from tailor_trainer.config import TrainerConfig
+
+logger = logging.getLogger("tailor.local")
 
 CONFIG_FILE = "config.json"
 PROGRESS_FILE = "progress.json"
@@ -364,24 +368,45 @@ def local_path(uri: Optional[str]) -> Optional[Path]:
     return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
 
 
-def fingerprint_path(uri: Optional[str]) -> Optional[str]:
-    """`sha256:<16 hex>` over the content of every file the URI (or glob) names; None if unreadable."""
+FINGERPRINT_SECONDS = 60.0
+"""Time budget of one fingerprint: past it the operator gives up (None) rather than tie up a
+reconcile worker (the validation still reads the data and pins its revision)."""
+
+
+def fingerprint_path(uri: Optional[str], budget_seconds: float = FINGERPRINT_SECONDS) -> Optional[str]:
+    """`sha256:<16 hex>` over the content of every regular file the URI (or glob) names; None if
+    unreadable or over the time budget. Reads at most the size `stat` reports for each file, so a
+    file that streams without end (/proc, a FIFO, a device) cannot hold the operator."""
     path = local_path(uri)
     if path is None:
         return None
     files = sorted(Path(p) for p in _glob.glob(str(path))) if any(c in str(path) for c in "*?[") else [path]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
-    files = [f for f in files if f.is_file()]
-    if not files:
-        return None
+    deadline = time.monotonic() + budget_seconds
     digest = hashlib.sha256()
+    found = False
     for f in files:
-        digest.update(f.name.encode() + b"\0")
-        with f.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return f"sha256:{digest.hexdigest()[:16]}"
+        try:
+            info = f.stat()
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            found = True
+            digest.update(f.name.encode() + b"\0")
+            left = info.st_size
+            with f.open("rb") as handle:
+                while left > 0:
+                    block = handle.read(min(left, 1 << 20))
+                    if not block:
+                        break
+                    digest.update(block)
+                    left -= len(block)
+                    if time.monotonic() > deadline:
+                        logger.warning("fingerprint of %s took longer than %.0fs; skipped", uri, budget_seconds)
+                        return None
+        except OSError:
+            return None
+    return f"sha256:{digest.hexdigest()[:16]}" if found else None
 
 
 def read_model_config(uri: Optional[str]) -> Optional[dict[str, Any]]:
