@@ -17,7 +17,7 @@ from tailor_operator.api.v1alpha1 import Dataset
 from tailor_operator.builders.labels import ANNOTATION_REVISION, LABEL_NAME, dataset_labels, object_meta
 from tailor_operator.builders.naming import safe_name
 from tailor_operator.builders.podsecurity import container_security_context, pod_security_context
-from tailor_operator.builders.rayjob import PVC_ROOT, SECRETS_DIR, cpu_pool_placement, pvc_claim
+from tailor_operator.builders.rayjob import PVC_ROOT, cpu_pool_placement, pvc_claim
 from tailor_trainer.config import ResolvedDataset
 
 INPUT_KEY = "dataset.json"
@@ -98,9 +98,8 @@ def build_inspect_job(dataset: Dataset, key: str, options: InspectJobOptions) ->
     if options.allow_private_addresses:
         container["env"].append({"name": "TAILOR_ALLOW_PRIVATE_ADDRESSES", "value": "1"})
     if source.secret_ref:
+        # environment only, never a file a source.uri could name (docs/security.md)
         container["envFrom"] = [{"secretRef": {"name": source.secret_ref.name}}]
-        volumes.append({"name": "secret-dataset", "secret": {"secretName": source.secret_ref.name}})
-        mounts.append({"name": "secret-dataset", "mountPath": f"{SECRETS_DIR}/dataset", "readOnly": True})
     claim = pvc_claim(source.uri)
     if claim:
         volumes.append({"name": safe_name("pvc-", claim), "persistentVolumeClaim": {"claimName": claim,

@@ -36,7 +36,6 @@ from tailor_operator.builders.podsecurity import container_security_context, pod
 CONFIG_DIR = "/etc/tailor"
 CONFIG_PATH = f"{CONFIG_DIR}/config.json"
 ENTRYPOINT = f"python -m tailor_trainer run --config {CONFIG_PATH}"
-SECRETS_DIR = "/var/run/secrets/tailor"
 PVC_ROOT = "/mnt/pvc"
 # s3 output: the trainer's local copy of the run directory (TAILOR_RUN_CACHE) on an emptyDir, not
 # on the image's filesystem.
@@ -99,10 +98,9 @@ def _storage(job: FineTuneJob, dataset: Optional[Dataset],
     mounts: list[dict[str, Any]] = [{"name": "tailor-config", "mountPath": CONFIG_DIR, "readOnly": True}]
     env_from: list[dict[str, Any]] = []
     seen_secrets: set[str] = set()
-    for role, name in secret_refs(job, dataset):
-        volume = f"secret-{role}"
-        volumes.append({"name": volume, "secret": {"secretName": name}})
-        mounts.append({"name": volume, "mountPath": f"{SECRETS_DIR}/{role}", "readOnly": True})
+    # Credentials reach the clients (boto/s3fs, huggingface_hub) as environment variables only:
+    # never as files, which a Dataset's source.uri could name and read back (docs/security.md).
+    for _role, name in secret_refs(job, dataset):
         if name not in seen_secrets:
             env_from.append({"secretRef": {"name": name}})
             seen_secrets.add(name)
