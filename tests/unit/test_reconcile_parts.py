@@ -466,3 +466,13 @@ def test_pid_alive_rules(monkeypatch) -> None:
 
     monkeypatch.setattr(local, "_read_proc", gone)
     assert local._pid_alive(1, "x") is False
+
+
+def test_a_crashed_local_trainers_last_line_is_masked() -> None:
+    from tailor_operator.reconcile.observe import observe_local_run
+
+    line = "botocore.exceptions.ClientError: https://b.s3.amazonaws.com/x?X-Amz-Signature=abc123def AKIAABCDEFGHIJKLMNOP"
+    obs = observe_local_run("r", number=1, attempt=1, running=False, exit_code=1, progress=None,
+                            log_tail=f"Traceback ...\n{line}\n")
+    assert obs.reason == "TrainerExited" and "ClientError" in obs.message
+    assert "abc123def" not in obs.message and "AKIAABCDEFGHIJKLMNOP" not in obs.message, obs.message

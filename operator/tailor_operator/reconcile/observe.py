@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from tailor_operator.api.v1alpha1 import Phase
 from tailor_operator.builders.labels import ANNOTATION_ATTEMPT, ANNOTATION_REVISION, ANNOTATION_RUN_NUMBER
+from tailor_trainer.redact import redact
 
 
 class RunState(str, Enum):
@@ -299,7 +300,8 @@ def observe_local_run(run: str, *, number: int, attempt: int, running: bool, exi
     else:
         reason, message = "TrainerExited", f"trainer exited with code {exit_code}"
     if log_tail:
-        message = f"{message}: {log_tail.strip().splitlines()[-1][:300]}"
+        # a crash's last line may be an exception's text: masked like the trainer's own messages
+        message = f"{message}: {redact(log_tail.strip().splitlines()[-1][:300])}"
     return RunObservation(**base, state=RunState.failed, reason=reason, message=message)
 
 
