@@ -38,3 +38,12 @@ def test_import_linter_contracts_hold() -> None:
                             text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "broken" not in result.stdout.lower() or "0 broken" in result.stdout.lower()
+
+
+def test_test_modules_have_unique_names() -> None:
+    """The test directories are not packages: pytest imports each module by its file name, so two
+    test_x.py in different directories break the whole collection (it happened twice)."""
+    seen: dict[str, Path] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        assert path.name not in seen, f"{path} and {seen[path.name]} share a module name"
+        seen[path.name] = path
