@@ -318,17 +318,14 @@ def test_operator_runs_namespaced_with_exactly_the_charts_roles(control_plane, k
                    and kube.get("NetworkPolicy", "scoped-r1") is None, 30, what="finalizer cleanup",
                    on_timeout=operator.log_tail)
         assert "Forbidden" not in Path(operator.log_path).read_text()
-    finally:
-        operator.stop()
-        cp.helm("uninstall", "tailor", "-n", RELEASE_NS, "--wait", "--timeout", "60s")
-    sa = f"system:serviceaccount:{RELEASE_NS}:tailor"
-    checks = [("create", "configmaps", "default", "no"), ("create", "rayjobs.ray.io", "default", "no"),
-              ("delete", "jobs.batch", "kube-system", "no"), ("create", "configmaps", "kube-system", "no"),
-              ("update", "finetunejobs.tailor.dev", "default", "no"), ("get", "secrets", namespace, "no")]
-    _install(cp, "--set", f"watchNamespaces={{{namespace}}}")
-    try:
-        for verb, resource, ns, expected in checks + [("create", "configmaps", namespace, "yes")]:
+        sa = f"system:serviceaccount:{RELEASE_NS}:tailor"
+        checks = [("create", "configmaps", "default", "no"), ("create", "rayjobs.ray.io", "default", "no"),
+                  ("delete", "jobs.batch", "kube-system", "no"), ("create", "configmaps", "kube-system", "no"),
+                  ("update", "finetunejobs.tailor.dev", "default", "no"), ("get", "secrets", namespace, "no"),
+                  ("create", "configmaps", namespace, "yes")]
+        for verb, resource, ns, expected in checks:
             r = cp.kubectl("auth", "can-i", verb, resource, "-n", ns, "--as", sa)
             assert r.stdout.strip() == expected, (verb, resource, ns, r.stdout, r.stderr)
     finally:
+        operator.stop()
         cp.helm("uninstall", "tailor", "-n", RELEASE_NS, "--wait", "--timeout", "60s")
