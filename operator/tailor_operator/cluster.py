@@ -4,13 +4,21 @@ A thin, synchronous REST layer over the official client's authenticated connecti
 dicts in and out (no generated models), one path scheme for every kind, typed errors for the two
 answers the operator acts on (404, 409), and a count of every write so `/metrics` and the scale
 benchmark can report API writes per job.
+
+Throttling and outages: 429, 5xx (but 501) and connection failures are retried here, a few times
+with jittered exponential backoff that waits at least the server's `Retry-After`, within a time
+budget; then the error is raised and the WorkQueue's per-key backoff takes over. A retried POST
+whose first try was carried out answers 409 AlreadyExists: every create path handles Conflict
+(`create_or_adopt`, `ensure`, `apply`, events), which is what makes retrying it safe.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
+import time
 from collections import Counter
 from typing import Any, Callable, Optional
 from urllib.parse import quote, urlencode
@@ -32,7 +40,44 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "Role": ("rbac.authorization.k8s.io", "v1", "roles"),
     "RoleBinding": ("rbac.authorization.k8s.io", "v1", "rolebindings"),
     "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies"),
+    "Lease": ("coordination.k8s.io", "v1", "leases"),
 }
+
+
+# 429 Too Many Requests, and the 5xx answers of an overloaded, restarting or unreachable server
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions of the connection itself: refused, reset, timed out (urllib3's, and OSError)."""
+    try:
+        from urllib3.exceptions import HTTPError as Urllib3Error
+    except ImportError:  # pragma: no cover - urllib3 comes with the kubernetes client
+        return (OSError,)
+    return (Urllib3Error, OSError)
+
+
+TRANSPORT_ERRORS = _transport_errors()
+
+
+def retry_after_seconds(value: Any) -> Optional[float]:
+    """The `Retry-After` header in seconds (the API server sends whole seconds); None if absent
+    or not a number (the HTTP-date form is not used by Kubernetes)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def backoff_delay(attempt: int, base: float, cap: float, retry_after: Optional[float] = None,
+                  rand: Callable[[], float] = random.random) -> float:
+    """Delay before retry number `attempt` (0-based): "equal jitter", uniform in [d/2, d] with
+    d = min(cap, base * 2**attempt) so concurrent clients spread out, and never less than the
+    server's Retry-After."""
+    d = min(cap, base * (2 ** attempt))
+    delay = d / 2 + rand() * d / 2
+    return max(delay, retry_after) if retry_after is not None else delay
 
 
 class ApiError(Exception):
@@ -40,6 +85,7 @@ class ApiError(Exception):
         self.status = status
         self.reason = reason
         self.body = body
+        self.retry_after: Optional[float] = None  # seconds, from the answer's Retry-After header
         try:
             self.message = json.loads(body).get("message", body)
         except (ValueError, AttributeError):
@@ -53,6 +99,14 @@ class NotFound(ApiError):
 
 class Conflict(ApiError):
     """409: AlreadyExists on create, or a stale resourceVersion on update."""
+
+
+def _header(response: Any, name: str) -> Optional[str]:
+    getheader = getattr(response, "getheader", None)
+    if getheader is not None:
+        return getheader(name)
+    headers = getattr(response, "headers", None) or {}
+    return headers.get(name)
 
 
 def _path(kind: str, namespace: Optional[str], name: Optional[str] = None, sub: Optional[str] = None) -> str:
@@ -70,14 +124,23 @@ class Cluster:
     """API access for the operator. Thread-safe (one urllib3 pool shared by the worker threads)."""
 
     def __init__(self, api_client: Any = None, *, on_write: Optional[Callable[[str, str], None]] = None,
-                 timeout: float = 30.0) -> None:
+                 on_retry: Optional[Callable[[str], None]] = None, timeout: float = 30.0, max_tries: int = 5,
+                 backoff_base: float = 0.5, backoff_max: float = 8.0, retry_budget: float = 30.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         if api_client is None:
             api_client = new_api_client()
         self.api = api_client
         self.timeout = timeout
+        self.max_tries = max_tries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.retry_budget = retry_budget  # seconds from the first try after which no retry starts
         self.writes: Counter[tuple[str, str]] = Counter()
+        self.retries: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._on_write = on_write
+        self._on_retry = on_retry
+        self._sleep = sleep
 
     # ------------------------------------------------------------------------------ transport
 
@@ -85,6 +148,31 @@ class Cluster:
                 content_type: str = "application/json") -> Any:
         url_path = path + ("?" + urlencode(query) if query else "")
         headers = {"Accept": "application/json", "Content-Type": content_type}
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            retry_after: Optional[float] = None
+            try:
+                return self._request_once(method, url_path, headers, body)
+            except ApiError as e:
+                if e.status not in RETRY_STATUSES:
+                    raise
+                code, error = str(e.status), e
+                retry_after = e.retry_after
+            except TRANSPORT_ERRORS as e:  # refused, reset, timed out: the server may be restarting
+                code, error = "connection", e
+            delay = backoff_delay(attempt, self.backoff_base, self.backoff_max, retry_after)
+            attempt += 1
+            if attempt >= self.max_tries or time.monotonic() - start + delay > self.retry_budget:
+                raise error
+            logger.debug("%s %s: %s; retry %d in %.2fs", method, path, code, attempt, delay)
+            with self._lock:
+                self.retries[code] += 1
+            if self._on_retry is not None:
+                self._on_retry(code)
+            self._sleep(delay)
+
+    def _request_once(self, method: str, url_path: str, headers: dict[str, str], body: Any) -> Any:
         params = self.api.param_serialize(method=method, resource_path=url_path, header_params=headers,
                                           body=body, auth_settings=["BearerToken"])
         response = self.api.call_api(*params, _request_timeout=self.timeout)
@@ -92,7 +180,9 @@ class Cluster:
         if response.status >= 400:
             text = data.decode("utf-8", "replace") if data else ""
             cls = NotFound if response.status == 404 else Conflict if response.status == 409 else ApiError
-            raise cls(response.status, response.reason or "", text)
+            error = cls(response.status, response.reason or "", text)
+            error.retry_after = retry_after_seconds(_header(response, "Retry-After"))
+            raise error
         return json.loads(data) if data else None
 
     def _write(self, verb: str, kind: str) -> None:
@@ -213,4 +303,15 @@ def new_api_client(pool_size: int = 32) -> Any:
     except config.ConfigException:
         config.load_kube_config(client_configuration=configuration)
     configuration.connection_pool_maxsize = pool_size
+    configuration.retries = transport_retries()
     return client.ApiClient(configuration)
+
+
+def transport_retries() -> Any:
+    """urllib3's own retries: only a connection that could not be set up, twice, at once. Answers
+    (429, 5xx) are retried by `Cluster.request`, with backoff and counted; urllib3's default would
+    also sleep on a 429/503's Retry-After, up to 3 times, silently and with no bound on the wait."""
+    from urllib3.util.retry import Retry
+
+    return Retry(total=2, connect=2, read=0, status=0, other=0, redirect=0, respect_retry_after_header=False,
+                 raise_on_status=False)

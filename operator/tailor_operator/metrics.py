@@ -19,7 +19,7 @@ FAILURE_REASONS = frozenset({
     "AppFailed", "DeadlineExceeded", "Diverged", "GateFailed", "InvalidSpec", "DataInvalid", "OOMKilled",
     "ImagePullBackOff", "Unschedulable", "SubmissionFailed", "TrainerExited", "TrainerKilled", "TrainerLost",
     "UnknownTargetModules", "RayJobFailed", "ValidationFailed", "ProgressDeadlineExceeded", "RayHeadLost",
-    "PolicyViolation", "CheckpointUnsafe",
+    "PolicyViolation", "CheckpointUnsafe", "DatasetChanged", "TrainerIncomplete", "CredentialsError",
 })
 EVAL_METRICS = ("loss", "perplexity", "accuracy", "exactMatch", "baseLoss", "basePerplexity")
 DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 16 * 3600, 24 * 3600, 48 * 3600)
@@ -58,6 +58,9 @@ class Metrics:
                                         registry=r)
         self.api_writes = Counter("tailor_api_writes_total", "Writes to the API server.", ["verb", "kind"],
                                   registry=r)
+        self.api_retries = Counter("tailor_api_retries_total",
+                                   "API requests retried after 429, 5xx or a connection failure.", ["code"],
+                                   registry=r)
         self.status_writes_deferred = Counter("tailor_status_writes_deferred_total",
                                               "Progress-only status writes postponed by the rate limit.",
                                               ["kind"], registry=r)
@@ -65,6 +68,8 @@ class Metrics:
                                         "Status writes refused with 409 Conflict (re-read and retried).",
                                         ["kind"], registry=r)
         self.queue_depth = Gauge("tailor_workqueue_depth", "Objects waiting to be reconciled.", registry=r)
+        self.leader = Gauge("tailor_leader", "1 while this replica holds the leader Lease and acts, else 0.",
+                            registry=r)
         for phase in Phase:
             self.jobs.labels(phase.value).set(0)
         for ready in ("True", "False", "Unknown"):
@@ -124,3 +129,7 @@ class Metrics:
 
     def api_write(self, verb: str, kind: str) -> None:
         self.api_writes.labels(verb, kind).inc()
+
+    def api_retry(self, code: str) -> None:
+        """`code`: the HTTP status retried (429, 500, 502, 503, 504) or `connection`."""
+        self.api_retries.labels(code).inc()

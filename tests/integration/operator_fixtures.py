@@ -39,6 +39,9 @@ FAST_ENV = {
     # and, in test_operator_kuberay's target-module check, a local model directory).
     "TAILOR_ALLOWED_BACKENDS": "kuberay,local",
     "TAILOR_ALLOWED_LOCAL_ROOTS": "*",
+    # No kubelet here: a model check's pod never runs, so kuberay jobs would wait for it forever.
+    # test_operator_kuberay's preflight test turns it on and plays the pod; the node tests run it.
+    "TAILOR_MODEL_PREFLIGHT": "false",
 }
 
 
@@ -139,6 +142,30 @@ class ControlPlane:
     def stop_kuberay(self) -> None:
         subprocess.run([str(TESTENV), "kuberay-down", "--dir", str(self.dir)], capture_output=True, text=True,
                        env=self.env, timeout=60)
+
+    def _testenv(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        r = subprocess.run([str(TESTENV), *args, "--dir", str(self.dir)], capture_output=True, text=True,
+                           env=self.env, timeout=timeout)
+        if r.returncode != 0:
+            pytest.fail(f"`scripts/testenv {' '.join(args)}` failed:\n{r.stderr}\n{self.log_tails(40)}")
+        return r
+
+    def stop_apiserver(self) -> None:
+        """Stop the kube-apiserver only (etcd and the controller manager keep running)."""
+        self._testenv("apiserver-stop")
+
+    def start_apiserver(self) -> None:
+        """Start it again with its recorded argv (same etcd, port, certificates); waits for /readyz."""
+        self._testenv("apiserver-start")
+
+    def add_apiserver(self) -> Path:
+        """A second kube-apiserver on the same etcd; returns its admin kubeconfig (also in
+        `kubeconfigs["admin-2"]`), through which a test writes while the first one is down."""
+        r = self._testenv("apiserver-add")
+        m = re.fullmatch(r"export KUBECONFIG=(\S+)\n?", r.stdout)
+        assert m, r.stdout
+        self.kubeconfigs["admin-2"] = Path(m.group(1))
+        return self.kubeconfigs["admin-2"]
 
 
 

@@ -36,7 +36,7 @@ def test_chart_lints_clean(control_plane) -> None:
 def test_default_install_is_cluster_wide_with_probes_and_metrics(control_plane) -> None:
     docs = _render(control_plane)
     assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
-                                         "Service", "ConfigMap"}
+                                         "Service", "ConfigMap", "Role", "RoleBinding"}  # Role: the Lease
     deploy = _find(docs, "Deployment")[0]
     pod = deploy["spec"]["template"]["spec"]
     c = pod["containers"][0]
@@ -65,7 +65,9 @@ def test_default_install_is_cluster_wide_with_probes_and_metrics(control_plane) 
     assert {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "create"]} in rules
     assert {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
             "verbs": ["get", "create"]} in rules
-    assert not _find(docs, "Role") and not _find(docs, "ServiceAccount", "tailor-trainer")
+    # the chart owns no trainer Role by default; the only Role is the leader election's Lease access
+    assert [r["metadata"]["name"] for r in _find(docs, "Role")] == ["tailor-leader-election"]
+    assert not _find(docs, "ServiceAccount", "tailor-trainer")
 
 
 def test_trainer_pod_settings_are_values(control_plane) -> None:
@@ -80,13 +82,37 @@ def test_trainer_pod_settings_are_values(control_plane) -> None:
 
 def test_watch_namespaces_use_roles_instead_of_cluster_rules(control_plane) -> None:
     docs = _render(control_plane, "--set", "watchNamespaces={team-a,team-b}")
-    roles = _find(docs, "Role")
+    roles = [r for r in _find(docs, "Role") if not r["metadata"]["name"].endswith("-leader-election")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-    assert sorted(b["metadata"]["namespace"] for b in _find(docs, "RoleBinding")) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in _find(docs, "RoleBinding")
+                  if not b["metadata"]["name"].endswith("-leader-election")) == ["team-a", "team-b"]
     cluster_rules = [r for cr in _find(docs, "ClusterRole") for r in cr["rules"]]
     assert all("finetunejobs" not in r["resources"] for r in cluster_rules)
     args = _find(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
+
+
+def test_leader_election_allows_replicas_and_a_rolling_update(control_plane) -> None:
+    docs = _render(control_plane, "--set", "replicas=2")
+    deploy = _find(docs, "Deployment")[0]
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    c = deploy["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["TAILOR_LEADER_ELECTION"] == "true" and env["TAILOR_LEASE_NAME"] == "tailor"
+    assert (env["TAILOR_LEASE_DURATION_SECONDS"], env["TAILOR_LEASE_RENEW_DEADLINE_SECONDS"],
+            env["TAILOR_LEASE_RETRY_PERIOD_SECONDS"]) == ("15", "10", "2")
+    assert "POD_NAME" in env and "POD_NAMESPACE" in env
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"  # a follower is Ready: the rollout never stalls
+    role = _find(docs, "Role", "tailor-leader-election")[0]
+    assert role["metadata"]["namespace"] == RELEASE_NS
+    assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                              "verbs": ["get", "list", "watch", "create", "update"]}]
+    single = _find(_render(control_plane, "--set", "leaderElection.enabled=false"), "Deployment")[0]
+    assert single["spec"]["replicas"] == 1 and single["spec"]["strategy"] == {"type": "Recreate"}
+    r = control_plane.helm("template", "tailor", str(CHART), "--set", "leaderElection.enabled=false",
+                           "--set", "replicas=2")
+    assert r.returncode != 0 and "needs leaderElection.enabled" in r.stderr
 
 
 def test_trainer_service_account_per_namespace(control_plane) -> None:
@@ -161,8 +187,14 @@ def test_operator_runs_with_exactly_the_charts_rbac(installed, k8s_client, names
     cp.stop_kuberay()
     kube = Kube(k8s_client, namespace)
     operator = OperatorProcess(cp.kubeconfigs["tailor"], tmp_path / "op",
-                               env={"TAILOR_TRAINER_SERVICE_ACCOUNT": "tailor-trainer"}).start()
+                               env={"TAILOR_TRAINER_SERVICE_ACCOUNT": "tailor-trainer",
+                                    # the chart's leader election, under the chart's RBAC
+                                    "TAILOR_LEADER_ELECTION": "true", "TAILOR_LEASE_NAME": "tailor",
+                                    "TAILOR_LEASE_NAMESPACE": RELEASE_NS}).start()
     try:
+        lease = wait_until(lambda: kube.cluster.get("Lease", RELEASE_NS, "tailor"), 30, what="Lease",
+                           on_timeout=operator.log_tail)
+        assert lease["spec"]["holderIdentity"]
         kube.apply(dataset_manifest("tickets"))
         job = wait_until(lambda: next(iter(kube.list("Job", {"tailor.dev/dataset": "tickets"})), None), 30,
                          what="validation Job", on_timeout=operator.log_tail)
@@ -210,8 +242,14 @@ def test_operator_creates_the_trainer_account_with_the_charts_rbac(installed_def
     kube = Kube(k8s_client, namespace)
     assert kube.get("ServiceAccount", "tailor-trainer") is None
     operator = OperatorProcess(cp.kubeconfigs["tailor"], tmp_path / "op",
-                               env={"TAILOR_TRAINER_SERVICE_ACCOUNT": "tailor-trainer"}).start()
+                               env={"TAILOR_TRAINER_SERVICE_ACCOUNT": "tailor-trainer",
+                                    # the chart's leader election, under the chart's RBAC
+                                    "TAILOR_LEADER_ELECTION": "true", "TAILOR_LEASE_NAME": "tailor",
+                                    "TAILOR_LEASE_NAMESPACE": RELEASE_NS}).start()
     try:
+        lease = wait_until(lambda: kube.cluster.get("Lease", RELEASE_NS, "tailor"), 30, what="Lease",
+                           on_timeout=operator.log_tail)
+        assert lease["spec"]["holderIdentity"]
         kube.apply(dataset_manifest("tickets"))
         job = wait_until(lambda: next(iter(kube.list("Job", {"tailor.dev/dataset": "tickets"})), None), 30,
                          what="validation Job", on_timeout=operator.log_tail)

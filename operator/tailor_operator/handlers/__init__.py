@@ -8,7 +8,7 @@ FineTuneJob's delete handler is the finalizer that removes its children and loca
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import kopf
 
@@ -70,6 +70,21 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
                 ctx.queue.add(("Dataset", ns, labels[LABEL_DATASET]))
 
 
+def register_lease_heartbeat(registry: kopf.OperatorRegistry, namespace: str, name: str,
+                             beat: Callable[[], None]) -> None:
+    """Every renewal of the operator's own Lease (each retry period) arrives as a watch event
+    through kopf's machinery; `beat` records it, so the liveness endpoint can tell that the watch
+    streams still deliver (tailor_operator.runner.Health)."""
+
+    def ours(body: kopf.Body, **_: Any) -> bool:
+        return body.get("metadata", {}).get("name") == name and body.get("metadata", {}).get("namespace") == namespace
+
+    @kopf.on.event("coordination.k8s.io", "v1", "leases", labels={MANAGED_BY: MANAGER}, when=ours,
+                   registry=registry, id="lease-heartbeat")
+    async def lease_event(**_: Any) -> None:
+        beat()
+
+
 def configure(settings: kopf.OperatorSettings, workers: int, clusterwide: bool = True) -> None:
     """kopf settings: our own finalizer name, no peering, server-side label selectors for children,
     and kopf's own bookkeeping (only used by the delete handler) kept in annotations. Watching
@@ -82,7 +97,20 @@ def configure(settings: kopf.OperatorSettings, workers: int, clusterwide: bool =
     settings.peering.standalone = True
     settings.posting.enabled = False  # Tailor writes its own events (tailor_operator.cluster)
     settings.execution.max_workers = max(workers, 4)
+    # Client-side bounds on every watch, so a half-open connection cannot hang a stream: the
+    # server ends each watch after server_timeout, the client gives up 30 s later, and kopf
+    # reconnects a stream that has delivered nothing (not even a bookmark) for 70 s.
     settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.watching.inactivity_timeout = 70
+    settings.networking.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    # kopf's own API calls (watch-streams, patches) back off on errors: short first tries so an
+    # API server restart is noticed within seconds, then 30 s steps while it stays down.
+    settings.networking.error_backoffs = [1, 2, 4, 8, 15, 30, 30, 30, 30, 30]
+    settings.watching.reconnect_backoff = 1.0
+    settings.watching.label_selectors[("coordination.k8s.io", "leases")] = f"{MANAGED_BY}={MANAGER}"
     for group, version, plural in CHILDREN:
         selector = (group, plural) if group else plural
         settings.watching.label_selectors[selector] = f"{MANAGED_BY}={MANAGER}"

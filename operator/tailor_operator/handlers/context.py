@@ -52,19 +52,49 @@ class WorkQueue:
         self._failures: dict[Key, int] = {}
         self._seq = 0
         self._stopped = False
+        self._started = False
+        # progress tracking for the liveness endpoint
+        self._busy_since: dict[Key, float] = {}
+        self._enqueued_at: dict[Key, float] = {}
+        self.last_done = time.monotonic()
         self._on_depth = on_depth
         self._threads = [threading.Thread(target=self._work, name=f"tailor-worker-{i}", daemon=True)
                          for i in range(workers)]
         self._threads.append(threading.Thread(target=self._tick, name="tailor-timer", daemon=True))
 
     def start(self) -> None:
+        self._started = True
         for t in self._threads:
             t.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 0.0) -> bool:
+        """Stop taking keys; with `wait`, wait up to that long for in-flight reconciles to end.
+        True when none is left running."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
+        deadline = time.monotonic() + wait
+        for t in self._threads:
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            return not self._busy_since
+
+    def stuck(self, bound: float) -> Optional[str]:
+        """Why the workers are not making progress, or None: a reconcile running longer than
+        `bound`, a key waiting longer than `bound` while no reconcile finished for as long, or a
+        worker thread gone."""
+        now = time.monotonic()
+        with self._cond:
+            if self._started and not self._stopped and not all(t.is_alive() for t in self._threads):
+                return "a work-queue thread died"
+            for key, since in self._busy_since.items():
+                if now - since > bound:
+                    return f"reconcile of {'/'.join(key)} running for {now - since:.0f}s"
+            oldest = min((self._enqueued_at.get(k, now) for k in self._queue), default=now)
+            if now - oldest > bound and now - self.last_done > bound:
+                return f"{len(self._queue)} keys waiting, none reconciled for {now - self.last_done:.0f}s"
+        return None
 
     def add(self, key: Key) -> None:
         with self._cond:
@@ -76,6 +106,7 @@ class WorkQueue:
         elif key not in self._queued:
             self._queue.append(key)
             self._queued.add(key)
+            self._enqueued_at[key] = time.monotonic()
             self._cond.notify()
         if self._on_depth:
             self._on_depth(len(self._queue))
@@ -130,7 +161,9 @@ class WorkQueue:
                     return
                 key = self._queue.popleft()
                 self._queued.discard(key)
+                self._enqueued_at.pop(key, None)
                 self._processing.add(key)
+                self._busy_since[key] = time.monotonic()
             requeue: Optional[float] = None
             try:
                 requeue = self._process(key)
@@ -143,6 +176,8 @@ class WorkQueue:
             finally:
                 with self._cond:
                     self._processing.discard(key)
+                    self._busy_since.pop(key, None)
+                    self.last_done = time.monotonic()
                     if key in self._dirty:
                         self._dirty.discard(key)
                         self._add_locked(key)
