@@ -109,3 +109,43 @@ def test_quickstart_on_the_local_backend(control_plane, k8s_client, namespace, t
 def _trainer_log(root: Path) -> str:
     logs = sorted(root.rglob("trainer.log"))
     return "\n".join(f"--- {p}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:]) for p in logs)
+
+
+def test_data_changed_after_validation_fails_the_run_with_dataset_changed(control_plane, k8s_client, namespace,
+                                                                          tmp_path, model_dir) -> None:
+    """Pinned data: a user-set revision stays put when the file changes (no re-validation, so no
+    race), but the run's prep reads other rows than the validation did: DatasetChanged, final."""
+    kube = Kube(k8s_client, namespace)
+    docs = _quickstart(model_dir, tmp_path / "runs", tmp_path / "support.jsonl")
+    dataset = next(d for d in docs if d["kind"] == "Dataset")
+    job = next(d for d in docs if d["kind"] == "FineTuneJob")
+    dataset["spec"]["revision"] = "v1"
+    dataset["spec"].pop("refreshInterval", None)
+    operator = OperatorProcess(control_plane.kubeconfig, tmp_path / "op", namespaces=[namespace],
+                               env={"TAILOR_DATASET_BACKEND": "local", "TAILOR_LOCAL_MAX_CONCURRENT": "1"}).start()
+    try:
+        (tmp_path / "ds.yaml").write_text(yaml.safe_dump(dataset, sort_keys=False))
+        control_plane.kubectl("apply", "-n", namespace, "-f", str(tmp_path / "ds.yaml"), check=True)
+        name = dataset["metadata"]["name"]
+        ds = wait_until(lambda: (c := kube.condition("Dataset", name, "Ready")).get("status") in ("True", "False")
+                        and c, 180, interval=1, what="Dataset validated", on_timeout=operator.log_tail)
+        assert ds["status"] == "True", ds
+        validated = kube.status("Dataset", name)
+        assert validated["revision"] == "v1" and validated["contentFingerprint"]
+
+        data = tmp_path / "support.jsonl"
+        lines = data.read_text().splitlines(keepends=True)
+        data.write_text("".join(lines[:-1]))  # one row fewer, same revision label
+
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+        control_plane.kubectl("apply", "-n", namespace, "-f", str(tmp_path / "job.yaml"), check=True)
+        job_name = job["metadata"]["name"]
+        status = wait_until(lambda: (s := kube.status("FineTuneJob", job_name)).get("phase") in ("Succeeded", "Failed")
+                            and s, 300, interval=1, what="run finished", on_timeout=operator.log_tail)
+        assert status["phase"] == "Failed", status
+        assert status["error"]["reason"] == "DatasetChanged", status
+        assert validated["contentFingerprint"] in status["error"]["message"]
+        assert status["attempts"] == 1 and status["datasetRevision"] == "v1"
+        assert kube.status("Dataset", name)["contentFingerprint"] == validated["contentFingerprint"]
+    finally:
+        operator.stop()

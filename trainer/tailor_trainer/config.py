@@ -14,9 +14,16 @@ import hashlib
 import json
 import math
 from enum import Enum
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from tailor_trainer._base import (
     CamelModel,
@@ -573,8 +580,22 @@ class ResolvedDataset(DataSpec):
     """Dataset name."""
     revision: Optional[ShortStr] = None
     """Revision validated by the operator; the trainer records it in its lineage."""
+    content_fingerprint: Optional[ShortStr] = None
+    """Fingerprint of the rows the validation kept (Dataset status.contentFingerprint). When set,
+    prep fails with DatasetChanged if the rows it reads have another fingerprint, so a run never
+    trains on data other than the revision it was started on."""
     inline_data: Optional[str] = None
     """Contents of source.configMapRef, copied in by the operator (small data only)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unpinned(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent rather than null when unset: configs (and so config hashes) of runs without a
+        # pinned fingerprint stay what they were, and their finished stages are still reused.
+        out = handler(self)
+        if self.content_fingerprint is None:
+            out.pop("contentFingerprint", None)
+            out.pop("content_fingerprint", None)
+        return out
 
 
 class Strategy(str, Enum):

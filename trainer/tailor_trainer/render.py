@@ -236,6 +236,7 @@ def report_html(cfg: TrainerConfig, result: dict[str, Any], samples: dict[str, A
     hp = cfg.hyperparameters
     lineage = [("Run", result.get("run")), ("Job", result.get("job")), ("Base model", cfg.model.uri),
                ("Dataset", f"{cfg.dataset.name} @ {result.get('datasetRevision') or '–'}"),
+               ("Dataset fingerprint", result.get("datasetFingerprint") or "–"),
                ("Config hash", result.get("configHash")), ("Method", cfg.adaptation.method.value),
                ("Changes", "; ".join(plan.get("changes", [])) or "–"),
                ("Learning rate", f"{hp.learning_rate:g} ({hp.scheduler.value}, warmup {hp.warmup_ratio:g})"),
@@ -288,8 +289,8 @@ def model_card(cfg: TrainerConfig, result: dict[str, Any], plan: dict[str, Any])
     hp = cfg.hyperparameters
     lines += ["", "## Lineage", "",
               f"- base model: `{cfg.model.uri}`" + (f" @ `{cfg.model.revision}`" if cfg.model.revision else ""),
-              f"- dataset: `{cfg.dataset.name}`, revision `{result.get('datasetRevision') or '-'}`, schema "
-              f"`{cfg.dataset.schema_.value}`",
+              f"- dataset: `{cfg.dataset.name}`, revision `{result.get('datasetRevision') or '-'}`, content "
+              f"fingerprint `{result.get('datasetFingerprint') or '-'}`, schema `{cfg.dataset.schema_.value}`",
               f"- config hash: `{result.get('configHash')}`",
               f"- adaptation: {cfg.adaptation.method.value}; " + ("; ".join(plan.get("changes", [])) or "-"),
               f"- trainable parameters: {_fmt(result.get('trainableParameters'))} of "

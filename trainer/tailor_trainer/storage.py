@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 
 import fsspec
 
+from tailor_trainer import retry
+
 DEFAULT_PVC_ROOT = "/mnt/pvc"
 
 
@@ -262,6 +264,15 @@ def _hf_snapshot_download(repo_id: str, revision: Optional[str], token: Optional
 hf_snapshot_download: Callable[[str, Optional[str], Optional[str]], str] = _hf_snapshot_download
 
 
+def _download(fn: Callable[[], Any], uri: str) -> Any:
+    """``fn()`` retried on transient errors (429/5xx/timeouts); StorageError once they persist."""
+    try:
+        return retry.call(fn, f"cannot download {uri}")
+    except retry.RetriesExhausted as e:
+        raise StorageError(f"cannot download {uri}: {retry.describe(e.last)} (gave up after {e.tries} "
+                           "tries)") from None
+
+
 def resolve_model_dir(uri: str, revision: Optional[str] = None) -> str:
     """A local directory holding the model (or tokenizer) at ``uri``.
 
@@ -278,7 +289,8 @@ def resolve_model_dir(uri: str, revision: Optional[str] = None) -> str:
         repo_id = uri[len("hf://"):].strip("/")
         if repo_id.count("/") > 1 or not repo_id:
             raise StorageError(f"hf URI {uri!r} must be hf://<org>/<name>")
-        return hf_snapshot_download(repo_id, revision, os.environ.get("HF_TOKEN"))
+        # huggingface_hub resumes partial files (``*.incomplete``) on the next call
+        return _download(lambda: hf_snapshot_download(repo_id, revision, os.environ.get("HF_TOKEN")), uri)
     if uri.startswith("s3://"):
         loc = resolve(uri)
         key = hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -288,14 +300,16 @@ def resolve_model_dir(uri: str, revision: Optional[str] = None) -> str:
             return str(dest)
         tmp = dest.with_name(f"{key}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.mkdir(parents=True, exist_ok=True)
-        found = loc.fs.find(loc.path)
+        found = _download(lambda: loc.fs.find(loc.path), uri)
         if not found:
             raise StorageError(f"no files under {uri!r}")
         for remote in found:
             rel = posixpath.relpath(remote, loc.path)
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            loc.fs.get_file(remote, str(target))
+            # the whole download lands in ``tmp`` and is renamed once complete: a partial file is
+            # never taken for the model
+            _download(lambda: loc.fs.get_file(remote, str(target)), f"s3://{remote}")
         (tmp / ".tailor-complete").write_text(uri)
         try:
             os.replace(tmp, dest)

@@ -134,6 +134,9 @@ class DatasetStatus(CamelModel):
 
     revision: Optional[str] = None
     """Revision that was validated (spec.revision or the content fingerprint)."""
+    content_fingerprint: Optional[str] = None
+    """Fingerprint of the rows the validation kept (order-independent, tokenizer-independent).
+    A run is pinned to it: its prep fails with DatasetChanged if it reads other rows."""
     rows: Optional[int] = None
     """Rows kept after cleaning."""
     rows_read: Optional[int] = None

@@ -37,6 +37,17 @@ def run_output_uri(job: FineTuneJob, run: str) -> str:
     return f"{job.spec.output.uri.rstrip('/')}/{namespace}/{owner}/{run}"
 
 
+def _pinned_fingerprint(dataset: Dataset, revision: Optional[str]) -> Optional[str]:
+    """The content fingerprint the run's prep must read: the one the Dataset's validation found
+    for the revision the run is pinned to. None when the status names no fingerprint or has moved
+    on to another revision (its fingerprint belongs to other rows, so it must not be paired with
+    the run's revision)."""
+    st = dataset.status
+    if st is None or not st.content_fingerprint or revision is None or st.revision != revision:
+        return None
+    return st.content_fingerprint
+
+
 def build_trainer_config(
     job: FineTuneJob,
     dataset: Dataset,
@@ -56,10 +67,12 @@ def build_trainer_config(
     spec = job.spec
     namespace = job.metadata.namespace or "default"
     data_fields = dataset.spec.model_dump(exclude={"revision", "refresh_interval"})
+    revision = dataset_revision or dataset.spec.revision
     resolved = ResolvedDataset(
         **data_fields,
         name=dataset.metadata.name,
-        revision=dataset_revision or dataset.spec.revision,
+        revision=revision,
+        content_fingerprint=_pinned_fingerprint(dataset, revision),
         inline_data=inline_data,
     )
     sink = (

@@ -17,7 +17,7 @@ import urllib.request
 from contextlib import closing
 from typing import Any, BinaryIO, Callable, Iterator, Optional
 
-from tailor_trainer import netpolicy, storage
+from tailor_trainer import netpolicy, retry, storage
 from tailor_trainer.config import DataFormat, ResolvedDataset
 from tailor_trainer.data import DataError
 from tailor_trainer.data.formats import RawRow, infer_format, read_rows
@@ -84,18 +84,23 @@ def _local_files(uri: str, path: str) -> list[tuple[str, Opener]]:
 
 
 def _s3_files(uri: str) -> list[tuple[str, Opener]]:
+    def _list() -> list[str]:
+        if _has_glob(path):
+            return sorted(fs.glob(path))
+        if fs.isdir(path):
+            return sorted(p for p in fs.find(path) if _visible(p[len(path):]))
+        fs.info(path)  # raises FileNotFoundError / PermissionError
+        return [path]
+
     try:
         loc = storage.resolve(uri)
         fs, path = loc.fs, loc.path
-        if _has_glob(path):
-            found = sorted(fs.glob(path))
-        elif fs.isdir(path):
-            found = sorted(p for p in fs.find(path) if _visible(p[len(path):]))
-        else:
-            fs.info(path)  # raises FileNotFoundError / PermissionError
-            found = [path]
+        found = retry.call(_list, f"cannot list {uri}")
     except DataError:
         raise
+    except retry.RetriesExhausted as e:
+        raise DataError("SourceUnreachable", f"cannot list {uri}: {retry.describe(e.last)} (gave up after "
+                        f"{e.tries} tries)") from None
     except Exception as e:  # s3fs/botocore raise many types; all mean "cannot list"
         raise _access_error(uri, e) from None
     if not found:
@@ -104,7 +109,10 @@ def _s3_files(uri: str) -> list[tuple[str, Opener]]:
     def opener(p: str) -> Opener:
         def _open() -> BinaryIO:
             try:
-                return fs.open(p, "rb", block_size=8 << 20)
+                return retry.call(lambda: fs.open(p, "rb", block_size=8 << 20), f"cannot open s3://{p}")
+            except retry.RetriesExhausted as e:
+                raise DataError("SourceUnreachable", f"cannot read s3://{p}: {retry.describe(e.last)} (gave "
+                                f"up after {e.tries} tries)") from None
             except Exception as e:
                 raise _access_error(f"s3://{p}", e) from None
         return _open
@@ -112,7 +120,14 @@ def _s3_files(uri: str) -> list[tuple[str, Opener]]:
     return [(f"s3://{p}", opener(p)) for p in found]
 
 
-def _http_open(url: str) -> BinaryIO:
+def _retry_after(e: urllib.error.HTTPError) -> Optional[float]:
+    try:
+        return float(e.headers.get("Retry-After", ""))
+    except (TypeError, ValueError, AttributeError):  # absent, or an HTTP date: the backoff decides
+        return None
+
+
+def _http_open_once(url: str) -> BinaryIO:
     req = urllib.request.Request(url, headers={"User-Agent": "tailor-trainer"})
     try:
         return netpolicy.open_url(req, HTTP_TIMEOUT_S, error=DataError)  # refuses metadata/loopback hosts
@@ -122,13 +137,28 @@ def _http_open(url: str) -> BinaryIO:
             phrase = http.HTTPStatus(e.code).phrase
         except ValueError:
             phrase = "error"
+        e.close()
         if e.code in (401, 403):
             raise DataError("AccessDenied", f"cannot read {url}: HTTP {e.code} {phrase}") from None
         if e.code == 404:
             raise DataError("EmptySource", f"{url}: HTTP 404 not found") from None
+        if e.code in retry.TRANSIENT_STATUS:
+            raise retry.Transient(f"HTTP {e.code} {phrase}", _retry_after(e)) from None
         raise DataError("SourceUnreachable", f"cannot read {url}: HTTP {e.code} {phrase}") from None
     except (urllib.error.URLError, OSError) as e:
-        raise DataError("SourceUnreachable", f"cannot read {url}: {getattr(e, 'reason', e)}") from None
+        reason = getattr(e, "reason", e)
+        if retry.is_transient(reason if isinstance(reason, BaseException) else e):
+            raise retry.Transient(f"{type(reason).__name__}: {reason}") from None
+        raise DataError("SourceUnreachable", f"cannot read {url}: {reason}") from None
+
+
+def _http_open(url: str) -> BinaryIO:
+    """Open an http(s) source, retrying 429/5xx/timeouts with bounded backoff (tailor_trainer.retry)."""
+    try:
+        return retry.call(lambda: _http_open_once(url), f"cannot read {url}")
+    except retry.RetriesExhausted as e:
+        raise DataError("SourceUnreachable", f"cannot read {url}: {e.last} (gave up after {e.tries} tries; "
+                        "the server kept answering with a temporary error)") from None
 
 
 def list_files(ds: ResolvedDataset) -> list[tuple[str, Opener]]:

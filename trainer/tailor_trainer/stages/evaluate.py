@@ -310,6 +310,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     result = {
         "run": cfg.run.name, "job": cfg.run.job, "attempt": cfg.run.attempt,
         "datasetRevision": cfg.dataset.revision or prep_manifest.get("revision"),
+        "datasetFingerprint": prep_manifest.get("fingerprint"),
         "configHash": ctx.config_hash, "baseModel": cfg.model.uri, "method": cfg.adaptation.method.value,
         "evaluatedOn": {"split": split, "rows": len(rows)},
         "metrics": {k: _clean(v) for k, v in metrics.items()},

@@ -4,7 +4,9 @@
 ``<run_dir>/prep/{train,validation,test}.parquet``, ``status.json`` and, last,
 ``manifest.json`` (docs/stage-contracts.md). A prep whose manifest carries the same configHash
 is not redone. A Dataset that is not usable raises :class:`PrepFailed` (reason DataInvalid)
-after writing ``status.json``, so the user sees exactly which lines and rules failed.
+after writing ``status.json``, so the user sees exactly which lines and rules failed. A run pinned
+to a content fingerprint (``dataset.contentFingerprint``) that reads other rows raises
+:class:`DatasetChanged` instead of training on them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tailor_trainer.config import ResolvedDataset, TrainerConfig
 from tailor_trainer.data import DataError
 from tailor_trainer.data.engine import PrepOptions, PrepResult, prepare
 from tailor_trainer.data.split import SPLITS
+from tailor_trainer.stages import StageError
 
 log = logging.getLogger("tailor_trainer.prep")
 
@@ -42,6 +45,26 @@ class PrepFailed(Exception):
         self.message = f"{data_reason}: {message}"
         self.field = "dataset"
         self.status = status
+
+
+class DatasetChanged(StageError):
+    """The rows prep read are not the rows the Dataset's validation saw (another fingerprint)."""
+
+    reason = "DatasetChanged"
+
+
+def check_pinned(ds: ResolvedDataset, result: PrepResult) -> None:
+    """Raise :class:`DatasetChanged` unless the rows read match the fingerprint the run was pinned
+    to (``ds.content_fingerprint``; nothing to check when the operator did not set one)."""
+    expected = ds.content_fingerprint
+    if expected is None or result.fingerprint == expected:
+        return
+    where = ds.source.uri or f"ConfigMap {ds.source.config_map_ref.name}"
+    raise DatasetChanged(
+        f"the data at {where} changed after Dataset {ds.name} was validated: revision "
+        f"{ds.revision or expected} has content fingerprint {expected}, but this run read "
+        f"{result.rows_read} rows with fingerprint {result.fingerprint}. Nothing was trained on "
+        "them; the Dataset is re-validated and the new revision gets a new run.", field="dataset")
 
 
 def _now() -> str:
@@ -64,6 +87,7 @@ def build_status(ds: ResolvedDataset, result: PrepResult) -> dict[str, Any]:
     condition["lastTransitionTime"] = now
     return {
         "revision": ds.revision or result.fingerprint,
+        "contentFingerprint": result.fingerprint,
         "rows": result.rows,
         "rowsRead": result.rows_read,
         "splits": dict(result.splits),
@@ -120,6 +144,7 @@ def run_prep(cfg: TrainerConfig, run_dir: Optional[str] = None,
         storage.write_json_atomic(prep.join("status.json"), status)
         if result.error is not None:
             raise PrepFailed(result.error.reason, result.error.message, status)
+        check_pinned(cfg.dataset, result)
         for split, name in FILES.items():
             src, dest = os.path.join(work, name), prep.join(name)
             if prep.is_local:
@@ -133,6 +158,7 @@ def run_prep(cfg: TrainerConfig, run_dir: Optional[str] = None,
         "configHash": config_hash,
         "revision": status["revision"],
         "fingerprint": result.fingerprint,
+        "expectedFingerprint": cfg.dataset.content_fingerprint,
         "rowsRead": result.rows_read,
         "rows": result.rows,
         "splits": dict(result.splits),
