@@ -294,3 +294,71 @@ def test_a_deleted_head_pod_never_leaves_the_job_running(demo: NodeCluster) -> N
     wait_until(lambda: cluster.get_json("ftj", name, "-n", NS) is None, 30, interval=0.5,
                what="the FineTuneJob gone (finalizer released)")
     print(f"[node] FineTuneJob deleted mid-training: pods gone after {gone:.1f}s")
+
+
+def test_a_missing_secret_is_named_within_60s_and_fixed_by_creating_it(demo: NodeCluster) -> None:
+    """A Dataset and a FineTuneJob whose secretRef names a Secret that does not exist: the real
+    kubelet holds their pods in CreateContainerConfigError. Within 60 s the Dataset says
+    CredentialsError (never a bare Validating) and the job's attempt fails with CredentialsError
+    (its Ray pods deleted); creating the Secret lets the Dataset's validation finish."""
+    cluster, secret = demo, "tailor-missing-creds"
+    ds = example_dataset()
+    ds["metadata"] = {"name": "needs-secret"}
+    ds["spec"]["source"]["secretRef"] = {"name": secret}
+    ftj = fault_job("needs-secret", max_steps=20, every=10)
+    ftj["spec"]["baseModel"]["secretRef"] = {"name": secret}
+    ftj["spec"]["datasetRef"] = {"name": example_dataset()["metadata"]["name"]}  # the example's, Ready
+    t0 = time.monotonic()
+    apply(cluster, [ds, ftj])
+    try:
+        ready = wait_until(lambda: (c := condition(status(cluster, "tds", "needs-secret"), "Ready"))
+                           .get("reason") == "CredentialsError" and c, 60, interval=1,
+                           what="Dataset Ready=False CredentialsError", on_timeout=lambda: describe(cluster))
+        t_ds = time.monotonic() - t0
+        assert ready["status"] == "False" and f'secret "{secret}" not found' in ready["message"], ready
+        assert "spec.source.secretRef" in ready["message"], ready
+        err = wait_until(lambda: ((s := status(cluster, "ftj", "needs-secret")).get("error") or {})
+                         .get("reason") == "CredentialsError" and s, 60, interval=1,
+                         what="FineTuneJob error CredentialsError", on_timeout=lambda: describe(cluster))
+        t_job = time.monotonic() - t0
+        assert "spec.baseModel.secretRef" in err["error"]["message"], err
+        # past the grace period the attempt fails and its pods (which could hold GPUs) go
+        wait_until(lambda: condition(status(cluster, "ftj", "needs-secret"), "Retrying").get("status") == "True"
+                   or status(cluster, "ftj", "needs-secret").get("phase") == "Failed", 90, interval=1,
+                   what="the attempt failed with CredentialsError", on_timeout=lambda: describe(cluster))
+        print(f"\n[node] missing Secret: Dataset CredentialsError after {t_ds:.0f}s, FineTuneJob after {t_job:.0f}s")
+        cluster.kubectl("delete", "ftj", "needs-secret", "-n", NS, "--wait=false", check=True)
+        # the fix is only to create the Secret: the kubelet retries and the validation finishes
+        cluster.kubectl("create", "secret", "generic", secret, "-n", NS, "--from-literal=UNUSED=1", check=True)
+        wait_until(lambda: condition(status(cluster, "tds", "needs-secret"), "Ready").get("status") == "True", 300,
+                   interval=2, what="Dataset Ready after the Secret was created", on_timeout=lambda: describe(cluster))
+    finally:
+        cluster.kubectl("delete", "ftj,tds", "needs-secret", "-n", NS, "--ignore-not-found", "--wait=false")
+        cluster.kubectl("delete", "secret", secret, "-n", NS, "--ignore-not-found")
+
+
+def test_a_lost_submitter_pod_never_yields_a_second_ray_job(demo: NodeCluster) -> None:
+    """KubeRay's submitter (K8sJobMode) only submits the Ray job and follows its logs. Its pod
+    deleted mid-training: the Job controller starts another, which finds the submission id already
+    known (`ray job status` first) and follows the same job. Exactly one Ray job, one attempt."""
+    cluster, name, run = demo, "lost-submitter", "lost-submitter-r1"
+    apply(cluster, [example_dataset(), fault_job(name, max_steps=200, every=50)])
+    wait_until(lambda: progress(cluster, run).get("stage") == "train", 900, interval=1, what="stage train",
+               on_timeout=lambda: describe(cluster))
+    selector = f"batch.kubernetes.io/job-name={run}"
+    submitter = wait_until(lambda: next((p for p in cluster.pods(NS, selector)
+                                         if p["status"].get("phase") == "Running"), None), 60, interval=1,
+                           what="the running submitter pod", on_timeout=lambda: describe(cluster))
+    cluster.kubectl("delete", "pod", "-n", NS, submitter["metadata"]["name"], "--grace-period=0", "--force",
+                    "--wait=false", check=True)
+    # the replacement follows the same job; the Ray head knows exactly one
+    wait_until(lambda: any(p["metadata"]["name"] != submitter["metadata"]["name"] for p in cluster.pods(NS, selector)),
+               60, interval=1, what="a replacement submitter pod", on_timeout=lambda: describe(cluster))
+    head = running_pod(cluster, run, "head")["metadata"]["name"]
+    jobs = cluster.kubectl("exec", "-n", NS, head, "--", "ray", "job", "list", "--address", "http://127.0.0.1:8265",
+                           timeout=120).stdout
+    st = wait_until(lambda: (s := status(cluster, "ftj", name)).get("phase") in ("Succeeded", "Failed") and s,
+                    900, interval=3, what="the job to finish", on_timeout=lambda: describe(cluster))
+    assert st["phase"] == "Succeeded" and st.get("attempts", 1) == 1, json.dumps(st, indent=1)
+    assert jobs.count("submission_id=") == 1, jobs
+    print(f"\n[node] submitter {submitter['metadata']['name']} deleted in train: one Ray job, attempt 1, Succeeded")

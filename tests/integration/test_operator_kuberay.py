@@ -366,3 +366,65 @@ def test_backend_cannot_change_after_creation(k8s_client, namespace) -> None:
             assert err.value.status == 422 and "backend is immutable" in err.value.message
         else:
             kube.patch("FineTuneJob", "fixed", patch)  # spelling out the default is no change
+
+
+# ------------------------------------------------------------------------ the truth about a run
+
+
+def test_succeeded_rayjob_with_an_unfinished_trainer_is_a_failed_attempt(kube: Kube, operator) -> None:
+    """KubeRay says Complete/SUCCEEDED (an entrypoint or log tail exited 0) while the trainer's
+    progress document is still in train with no result: the attempt is TrainerIncomplete and
+    retried, never recorded as a success; then SUCCEEDED while the trainer reported Diverged: the
+    job fails with the trainer's own reason."""
+    _ready_dataset(kube)
+    kube.apply(job_manifest("truth", backoffLimit=1))
+    _rayjob(kube, "truth-r1")
+    kube.set_rayjob_status("truth-r1", "Running", "RUNNING")
+    kube.write_progress("truth-r1", {"run": "truth-r1", "attempt": 1, "stage": "train", "state": "Running",
+                                     "step": 40, "totalSteps": 300})
+    _phase(kube, "truth", "Running", op=operator)
+    kube.set_rayjob_status("truth-r1", "Complete", "SUCCEEDED")
+    failed = wait_until(lambda: next((e for e in kube.events("truth") if e["reason"] == "AttemptFailed"), None), 30,
+                        what="the AttemptFailed event", on_timeout=operator.log_tail)
+    assert "(TrainerIncomplete: KubeRay reports the Ray job SUCCEEDED" in failed["message"], failed["message"]
+    assert "stage train step 40/300" in failed["message"], failed["message"]
+    status = kube.status("FineTuneJob", "truth")
+    assert status["attempts"] == 2 and status["phase"] != "Succeeded" and not status.get("history"), status
+    # attempt 2: a new RayJob of the same run; KubeRay again says SUCCEEDED, the trainer says Diverged
+    wait_until(lambda: (r := kube.get("RayJob", "truth-r1")) and
+               r["metadata"]["annotations"].get("tailor.dev/attempt") == "2", 60, what="the attempt-2 RayJob",
+               on_timeout=operator.log_tail)
+    kube.set_rayjob_status("truth-r1", "Running", "RUNNING")
+    kube.write_progress("truth-r1", {"run": "truth-r1", "attempt": 2, "stage": "train", "state": "Failed",
+                                     "step": 7, "error": {"reason": "Diverged", "message": "loss is NaN at step 7"}})
+    kube.set_rayjob_status("truth-r1", "Complete", "SUCCEEDED")
+    status = _phase(kube, "truth", "Failed", op=operator)
+    assert status["error"]["reason"] == "Diverged" and "NaN" in status["error"]["message"], status["error"]
+    assert status["history"][0]["phase"] == "Failed" and "champion" not in status, status
+
+
+def test_a_silent_trainer_is_declared_lost_and_retried(kube: Kube, operator) -> None:
+    """The progress heartbeat stops (a hung collective, a lost relay) while KubeRay keeps saying
+    RUNNING: after progressDeadlineSeconds the attempt fails with ProgressDeadlineExceeded, its
+    RayJob is replaced by attempt 2 (resuming from the checkpoint), counting against backoffLimit."""
+    _ready_dataset(kube)
+    kube.apply(job_manifest("silent", backoffLimit=1, progressDeadlineSeconds=30))
+    _rayjob(kube, "silent-r1")
+    kube.set_rayjob_status("silent-r1", "Running", "RUNNING")
+    kube.write_progress("silent-r1", {"run": "silent-r1", "attempt": 1, "stage": "train", "state": "Running",
+                                      "step": 10, "totalSteps": 300,
+                                      "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    _phase(kube, "silent", "Running", op=operator)
+    t0 = time.monotonic()
+    failed = wait_until(lambda: next((e for e in kube.events("silent") if e["reason"] == "AttemptFailed"), None), 60,
+                        what="AttemptFailed after the progress deadline", on_timeout=operator.log_tail)
+    waited = time.monotonic() - t0
+    assert "(ProgressDeadlineExceeded: run silent-r1 attempt 1 reported no progress for" in failed["message"], \
+        failed["message"]
+    assert "last: stage train, step 10/300" in failed["message"], failed["message"]
+    assert waited >= 20, waited  # the deadline counts from the last update (30 s), never earlier
+    wait_until(lambda: (r := kube.get("RayJob", "silent-r1")) and
+               r["metadata"]["annotations"].get("tailor.dev/attempt") == "2", 60, what="the attempt-2 RayJob",
+               on_timeout=operator.log_tail)
+    assert kube.status("FineTuneJob", "silent")["attempts"] == 2
+

@@ -15,12 +15,13 @@ import dataclasses
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import yaml
 
 from tailor_operator.api.v1alpha1 import Backend, Dataset, FineTuneJob
+from tailor_operator.builders.preflight_job import preflight_key
 from tailor_operator.reconcile import (
     DatasetObserved,
     JobObserved,
@@ -29,11 +30,13 @@ from tailor_operator.reconcile import (
     reconcile_dataset,
     reconcile_finetunejob,
 )
-from tailor_operator.reconcile.observe import observe_local_run, observe_rayjob
+from tailor_operator.reconcile.observe import observe_local_run, observe_rayjob, pod_problem
 from tailor_operator.reconcile.plan import (
     ApplyPromotion,
     DeleteRun,
+    DeletePreflight,
     DeleteValidation,
+    StartPreflight,
     StartRun,
     StartValidation,
     StopRun,
@@ -76,6 +79,11 @@ def _summarise(action: Any) -> dict[str, Any]:
                 "children": [f"{c['kind']}/{c['metadata']['name']}" for c in action.children]}
     if isinstance(action, DeleteValidation):
         return {"deleteValidation": action.key}
+    if isinstance(action, StartPreflight):
+        return {"startPreflight": action.key,
+                "children": [f"{c['kind']}/{c['metadata']['name']}" for c in action.children]}
+    if isinstance(action, DeletePreflight):
+        return {"deletePreflight": action.key}
     raise AssertionError(f"unknown action {action!r}")
 
 
@@ -93,7 +101,8 @@ def _job_observed(doc: dict[str, Any]) -> JobObserved:
     runs = {}
     for item in obs.get("runs") or []:
         if "rayjob" in item:
-            o = observe_rayjob(item["rayjob"], item.get("progress"), item.get("pods"))
+            o = observe_rayjob(item["rayjob"], item.get("progress"), item.get("pods"),
+                               progress_read="progress" in item)
         else:
             local = item["local"]
             o = observe_local_run(local["run"], number=local["number"], attempt=local.get("attempt", 1),
@@ -103,7 +112,25 @@ def _job_observed(doc: dict[str, Any]) -> JobObserved:
     dataset = Dataset.model_validate(doc["dataset"]) if doc.get("dataset") else None
     return JobObserved(dataset=dataset, runs=runs, inline_data=obs.get("inlineData"),
                        model_config=obs.get("modelConfig"), local_slots=obs.get("localSlots"),
-                       target_model_uri=obs.get("targetModelUri"), trainer_access_error=obs.get("trainerAccessError"))
+                       target_model_uri=obs.get("targetModelUri"), trainer_access_error=obs.get("trainerAccessError"),
+                       preflight=_preflight(doc), other_preflights=tuple(obs.get("otherPreflights") or ()))
+
+
+def _preflight(doc: dict[str, Any]) -> Optional[ValidationObservation]:
+    """The model check of the job's current spec: `observed.preflight` as written (`null`: none
+    exists yet), or by default one that passed, so cases about other things start their runs."""
+    obs = doc.get("observed") or {}
+    key = preflight_key(FineTuneJob.model_validate(doc["job"]), _settings(doc.get("settings")).trainer_image)
+    pf = obs.get("preflight", "passed")
+    if pf is None:
+        return None
+    if pf == "passed":
+        return ValidationObservation(key=key, exists=True, finished=True, result={
+            "ok": True, "model": {"modelType": "llama", "parameters": 4_200_000, "maxPositionEmbeddings": 2048}})
+    return ValidationObservation(key=pf.get("key", key), exists=pf.get("exists", True),
+                                 finished=pf.get("finished", False), result=pf.get("result"),
+                                 failure=pf.get("failure"),
+                                 problem=pod_problem(pf["pods"]) if pf.get("pods") else None)
 
 
 def _dataset_observed(doc: dict[str, Any]) -> DatasetObserved:
@@ -113,7 +140,8 @@ def _dataset_observed(doc: dict[str, Any]) -> DatasetObserved:
     if v is not None:
         validation = ValidationObservation(key=v["key"], exists=v.get("exists", True),
                                            finished=v.get("finished", False), result=v.get("result"),
-                                           failure=v.get("failure"))
+                                           failure=v.get("failure"),
+                                           problem=pod_problem(v["pods"]) if v.get("pods") else None)
     error = obs.get("sourceError")
     return DatasetObserved(fingerprint=obs.get("fingerprint"), validation=validation,
                            other_validations=tuple(obs.get("otherValidations") or ()),
@@ -159,7 +187,7 @@ def test_reconcile_is_idempotent(case: Path) -> None:
         job = FineTuneJob.model_validate(doc["job"])
         observed = _job_observed(doc)
         first = reconcile_finetunejob(job, observed, settings, now)
-        if any(isinstance(a, StartRun) for a in first.actions):
+        if any(isinstance(a, (StartRun, StartPreflight)) for a in first.actions):
             return  # the world changes once the run exists; covered by the adoption case
         second = reconcile_finetunejob(job.model_copy(update={"status": first.status}), observed, settings, now)
     else:

@@ -137,6 +137,39 @@ def test_trainer_error_reason_wins_for_a_failed_rayjob() -> None:
     assert (obs.state, obs.reason) == (RunState.failed, "Diverged")
 
 
+def test_succeeded_is_checked_against_the_trainers_own_document() -> None:
+    """KubeRay's SUCCEEDED (or a local exit code 0) says only that the entrypoint exited 0."""
+    from tailor_operator.reconcile.observe import observe_local_run
+
+    done = {"metadata": {"name": "j-r1"}, "status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}
+    result = {"attempt": 1, "state": "Succeeded", "stage": "evaluate", "result": {"metrics": {"loss": 1.0}}}
+    assert observe_rayjob(done, result).state is RunState.succeeded
+    unfinished = {"attempt": 1, "state": "Running", "stage": "train", "step": 40, "totalSteps": 300}
+    obs = observe_rayjob(done, unfinished)
+    assert (obs.state, obs.reason) == (RunState.failed, "TrainerIncomplete") and "train step 40/300" in obs.message
+    obs = observe_rayjob(done, None)
+    assert (obs.state, obs.reason) == (RunState.failed, "TrainerIncomplete") and "no progress document" in obs.message
+    failed = {"attempt": 1, "state": "Failed", "error": {"reason": "DataInvalid", "message": "no rows"}}
+    assert (observe_rayjob(done, failed).reason, observe_rayjob(done, failed).message) == ("DataInvalid", "no rows")
+    # a finished run listed only for its TTL: its document was not read, nothing to check
+    assert observe_rayjob(done, None, progress_read=False).state is RunState.succeeded
+    local = observe_local_run("r", number=1, attempt=1, running=False, exit_code=0, progress=unfinished)
+    assert (local.state, local.reason) == (RunState.failed, "TrainerIncomplete")
+    assert local.message.startswith("the trainer process exited 0, but"), local.message
+
+
+def test_a_missing_secret_is_a_credentials_problem_since_the_pods_creation() -> None:
+    pod = {"metadata": {"name": "j-r1-head-x", "creationTimestamp": "2026-03-02T10:00:00Z"},
+           "status": {"containerStatuses": [{"name": "ray-head", "state": {"waiting": {
+               "reason": "CreateContainerConfigError", "message": 'secret "s3-creds" not found'}}}]}}
+    problem = pod_problem([pod])
+    assert problem.reason == "CredentialsError" and 'secret "s3-creds" not found' in problem.message
+    assert problem.since == datetime(2026, 3, 2, 10, 0, tzinfo=timezone.utc)
+    other = json.loads(json.dumps(pod))
+    other["status"]["containerStatuses"][0]["state"]["waiting"]["message"] = 'configmap "x" not found'
+    assert pod_problem([other]).reason == "CreateContainerConfigError"
+
+
 def _running_rayjob(started: str | None = "2026-03-02T10:05:00Z") -> dict:
     status = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
     if started:

@@ -3,6 +3,8 @@
 Subcommands:
   run --config FILE       run prep -> adapt -> train -> evaluate for one TrainerConfig
   inspect --dataset FILE  validate a Dataset (prep without writing shards) and print its status
+  preflight --config FILE check the base model against the spec on a CPU (no weights) and print
+                          the verdict
 """
 
 from __future__ import annotations
@@ -28,11 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--output", choices=["json", "text"], default="json")
     inspect.add_argument("--result-file", default=None, help="also write the JSON status here")
 
+    preflight = sub.add_parser("preflight", help="check the base model against a TrainerConfig on a CPU "
+                                                 "(config and tokenizer only, no weights) and print the verdict")
+    preflight.add_argument("--config", required=True, help="TrainerConfig JSON (config.json)")
+    preflight.add_argument("--result-file", default=None, help="also write the JSON verdict here")
+
     args = parser.parse_args(argv)
     if args.command == "run":
         from tailor_trainer.pipeline import main_run
 
         return main_run(args.config, stages=args.stages)
+    if args.command == "preflight":
+        from tailor_trainer.preflight import main_preflight
+
+        return main_preflight(args.config, result_file=args.result_file)
     from tailor_trainer.stages.prep import main_inspect
 
     return main_inspect(

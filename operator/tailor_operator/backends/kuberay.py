@@ -1,4 +1,4 @@
-"""KubeRay backend: runs are RayJobs, Dataset validations are batch/v1 Jobs (through the Cluster).
+"""KubeRay backend: runs are RayJobs; Dataset validations and model checks are batch/v1 Jobs.
 
 Reads are kept to what the reconcile needs: one label-selected RayJob list per job, the progress
 ConfigMap of the current run only, and its pods until the run has succeeded (a pod-level reason
@@ -15,13 +15,14 @@ from tailor_operator.builders.configmaps import PROGRESS_KEY
 from tailor_operator.builders.inspect_job import RESULT_KEY
 from tailor_operator.builders.labels import LABEL_DATASET, LABEL_JOB, LABEL_NAME, LABEL_RUN
 from tailor_operator.builders.naming import config_map_name, progress_config_map_name
+from tailor_operator.builders.preflight_job import preflight_labels
 from tailor_operator.reconcile.observe import (
     RunObservation,
     ValidationObservation,
     observe_inspect,
     observe_rayjob,
 )
-from tailor_operator.reconcile.plan import StartRun, StartValidation
+from tailor_operator.reconcile.plan import StartPreflight, StartRun, StartValidation
 
 # Deployment states in which the trainer may have written a progress document.
 _TRAINER_STARTED = {"Running", "Complete", "Failed", "ValidationFailed"}
@@ -65,13 +66,15 @@ class KubeRayBackend:
             status = rayjob.get("status") or {}
             deployment = status.get("jobDeploymentStatus") or ""
             progress = pods = None
+            read = False
             if name in (current, following):
                 if deployment in _TRAINER_STARTED or status.get("jobStatus"):
                     progress = parse_progress(self.cluster.get("ConfigMap", ns, progress_config_map_name(name)))
+                    read = True
                 # while it runs too: a lost Ray head shows only in the pods (KubeRay keeps RUNNING)
                 if deployment and (deployment, status.get("jobStatus")) != ("Complete", "SUCCEEDED"):
                     pods = self.cluster.list("Pod", ns, {LABEL_RUN: name})
-            runs[name] = observe_rayjob(rayjob, progress, pods)
+            runs[name] = observe_rayjob(rayjob, progress, pods, progress_read=read)
         return runs
 
     def start(self, job: FineTuneJob, action: StartRun) -> bool:
@@ -102,7 +105,7 @@ class KubeRayBackend:
         """Finalizer: delete every RayJob, ConfigMap and NetworkPolicy of the job. Returns how many
         were deleted."""
         deleted = 0
-        for kind in ("RayJob", "ConfigMap", "NetworkPolicy"):
+        for kind in ("RayJob", "Job", "ConfigMap", "NetworkPolicy"):  # Job: the model check
             for obj in self.cluster.list(kind, namespace, {LABEL_JOB: name}):
                 if _owned_by(obj, uid):
                     deleted += self.cluster.delete(kind, namespace, obj["metadata"]["name"],
@@ -125,7 +128,9 @@ class KubeRayValidation:
         if mine is not None and ((mine.get("data") or {}).get(RESULT_KEY)):
             return observe_inspect(key, config_map=mine, job=None), others
         job = self.cluster.get("Job", ns, key) if mine is not None else None
-        return observe_inspect(key, config_map=mine, job=job), others
+        # still running: its pod may be waiting for something only the user can fix (a Secret)
+        pods = self.cluster.list("Pod", ns, {"job-name": key}) if job is not None else None
+        return observe_inspect(key, config_map=mine, job=job, pods=pods), others
 
     def start(self, dataset: Dataset, action: StartValidation) -> None:
         for child in action.children:
@@ -138,3 +143,34 @@ class KubeRayValidation:
 
     def cleanup(self, namespace: str, name: str) -> None:
         """Owner references remove these with the Dataset; nothing to do eagerly."""
+
+
+class KubeRayPreflight:
+    """A FineTuneJob's model check (builders/preflight_job.py): a batch/v1 Job that publishes its
+    verdict into a ConfigMap, observed like a Dataset validation."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+
+    def observe(self, job: FineTuneJob, key: str) -> tuple[Optional[ValidationObservation], tuple[str, ...]]:
+        """The check named `key` (None when it does not exist) and the names of older ones."""
+        ns = job.metadata.namespace
+        config_maps = [c for c in self.cluster.list("ConfigMap", ns, preflight_labels(job.metadata.name))
+                       if _owned_by(c, job.metadata.uid)]
+        mine = next((c for c in config_maps if c["metadata"]["name"] == key), None)
+        others = tuple(sorted(c["metadata"]["name"] for c in config_maps if c["metadata"]["name"] != key))
+        if mine is None:
+            return None, others
+        if (mine.get("data") or {}).get(RESULT_KEY):
+            return observe_inspect(key, config_map=mine, job=None), others
+        check = self.cluster.get("Job", ns, key)
+        pods = self.cluster.list("Pod", ns, {"job-name": key}) if check is not None else None
+        return observe_inspect(key, config_map=mine, job=check, pods=pods), others
+
+    def start(self, action: StartPreflight) -> None:
+        for child in action.children:
+            self.cluster.create_or_adopt(child)
+
+    def delete(self, namespace: str, key: str) -> None:
+        self.cluster.delete("Job", namespace, key)
+        self.cluster.delete("ConfigMap", namespace, key)

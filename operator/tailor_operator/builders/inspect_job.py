@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from tailor_operator.api.v1alpha1 import Dataset
 from tailor_operator.builders.labels import ANNOTATION_REVISION, LABEL_NAME, dataset_labels, object_meta
@@ -86,22 +86,32 @@ def build_inspect_job(dataset: Dataset, key: str, options: InspectJobOptions) ->
     """The batch/v1 Job `<key>` that validates the data in ConfigMap `<key>`."""
     labels = {**dataset_labels(dataset.metadata.name), LABEL_NAME: "tailor-inspect"}
     source = dataset.spec.source
+    secrets = [source.secret_ref.name] if source.secret_ref else []
+    return build_cpu_check_job(key, dataset.metadata.namespace, labels, dataset, "inspect", COMMAND, options,
+                               secrets=secrets, claims=[c for c in (pvc_claim(source.uri),) if c])
+
+
+def build_cpu_check_job(key: str, namespace: Optional[str], labels: dict[str, str], owner: Any, container_name: str,
+                        command: str, options: InspectJobOptions, *, image: Optional[str] = None,
+                        secrets: Sequence[str] = (), claims: Sequence[str] = ()) -> dict[str, Any]:
+    """A CPU check in the trainer image before anything big starts (a Dataset's validation, a job's
+    model preflight): batch/v1 Job `<key>` whose pod reads ConfigMap `<key>` at /etc/tailor and
+    publishes its result into it. Secrets arrive as environment only, never as files a URI could
+    name (docs/security.md); PVCs read-only."""
     volumes: list[dict[str, Any]] = [{"name": "input", "configMap": {"name": key}}]
     mounts: list[dict[str, Any]] = [{"name": "input", "mountPath": MOUNT, "readOnly": True}]
     container: dict[str, Any] = {
-        "name": "inspect",
-        "image": options.image,
+        "name": container_name,
+        "image": image or options.image,
         "imagePullPolicy": options.image_pull_policy,
-        "command": ["sh", "-c", COMMAND],
+        "command": ["sh", "-c", command],
         "env": [{"name": "TAILOR_RESULT_CONFIGMAP", "value": key}],
     }
     if options.allow_private_addresses:
         container["env"].append({"name": "TAILOR_ALLOW_PRIVATE_ADDRESSES", "value": "1"})
-    if source.secret_ref:
-        # environment only, never a file a source.uri could name (docs/security.md)
-        container["envFrom"] = [{"secretRef": {"name": source.secret_ref.name}}]
-    claim = pvc_claim(source.uri)
-    if claim:
+    if secrets:
+        container["envFrom"] = [{"secretRef": {"name": name}} for name in dict.fromkeys(secrets)]
+    for claim in dict.fromkeys(claims):
         volumes.append({"name": safe_name("pvc-", claim), "persistentVolumeClaim": {"claimName": claim,
                                                                                       "readOnly": True}})
         mounts.append({"name": safe_name("pvc-", claim), "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True})
@@ -119,7 +129,7 @@ def build_inspect_job(dataset: Dataset, key: str, options: InspectJobOptions) ->
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": object_meta(key, dataset.metadata.namespace, labels, dataset),
+        "metadata": object_meta(key, namespace, labels, owner),
         "spec": {
             "backoffLimit": 2,
             "activeDeadlineSeconds": options.deadline_seconds,

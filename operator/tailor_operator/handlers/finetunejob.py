@@ -17,15 +17,25 @@ from typing import Any, Optional
 from pydantic import ValidationError
 
 from tailor_operator.api.v1alpha1 import Backend, Dataset, FineTuneJob, FineTuneJobStatus
+from tailor_operator.backends.kuberay import KubeRayPreflight
 from tailor_operator.backends.local import NoCapacity, read_model_config
 from tailor_operator.builders.events import build_event
 from tailor_operator.builders.naming import run_name
+from tailor_operator.builders.preflight_job import preflight_key
 from tailor_operator.builders.promotion import build_inference_service_patch, build_target_config_map
 from tailor_operator.cluster import ApiError, Conflict
 from tailor_operator.handlers.context import Context, access_created_event, utcnow
 from tailor_operator.metrics import bounded_reason
 from tailor_operator.reconcile import JobObserved, JobPlan, reconcile_finetunejob
-from tailor_operator.reconcile.plan import ApplyPromotion, DeleteRun, Event, StartRun, StopRun
+from tailor_operator.reconcile.plan import (
+    ApplyPromotion,
+    DeletePreflight,
+    DeleteRun,
+    Event,
+    StartPreflight,
+    StartRun,
+    StopRun,
+)
 from tailor_operator.reconcile.policy import path_allowed
 from tailor_operator.reconcile.status import status_body, write_decision
 
@@ -68,7 +78,7 @@ def _reconcile(ctx: Context, job: FineTuneJob, observed: JobObserved, now: datet
     sure of first (what was created goes to `created`), and a failure to create it is
     reconciled again as an observation."""
     plan = reconcile_finetunejob(job, observed, ctx.settings, now)
-    if not any(isinstance(a, StartRun) and a.children for a in plan.actions):
+    if not any(isinstance(a, (StartRun, StartPreflight)) and a.children for a in plan.actions):
         return plan
     made, error = ctx.ensure_trainer_access(job.metadata.namespace or "default")
     created += made
@@ -102,8 +112,17 @@ def observe_job(ctx: Context, job: FineTuneJob) -> JobObserved:
     allowed = path_allowed(job.spec.base_model.uri, ctx.settings)  # else refused: not read at all
     model_config = read_model_config(job.spec.base_model.uri) if idle and allowed else None
     slots = ctx.local.free_slots() if job.spec.backend is Backend.local else None
+    preflight, other_preflights = None, ()
+    # read only when a run may start (first run, spec edit, continuous learning): GETs stay O(1)
+    may_start = status.run_count == 0 or job.spec.continuous_learning is not None \
+        or job.metadata.generation != status.observed_generation
+    if job.spec.backend is Backend.kuberay and ctx.settings.model_preflight and idle and may_start \
+            and model_config is None:
+        preflight, other_preflights = KubeRayPreflight(ctx.cluster).observe(
+            job, preflight_key(job, ctx.settings.trainer_image))
     return JobObserved(dataset=dataset, runs=runs, inline_data=inline, model_config=model_config,
-                       local_slots=slots, target_model_uri=_target_uri(ctx, job))
+                       local_slots=slots, target_model_uri=_target_uri(ctx, job), preflight=preflight,
+                       other_preflights=other_preflights)
 
 
 def _target_uri(ctx: Context, job: FineTuneJob) -> Optional[str]:
@@ -170,6 +189,10 @@ def _apply(ctx: Context, job: FineTuneJob, body: dict[str, Any], plan: JobPlan, 
                 backend.delete(job, action.run)
             elif isinstance(action, ApplyPromotion):
                 _promote(ctx, job, action)
+            elif isinstance(action, StartPreflight):
+                KubeRayPreflight(ctx.cluster).start(action)
+            elif isinstance(action, DeletePreflight):
+                KubeRayPreflight(ctx.cluster).delete(job.metadata.namespace or "default", action.key)
         except NoCapacity as e:
             logger.info("%s/%s: %s", job.metadata.namespace, job.metadata.name, e)
         except ApiError as e:
@@ -192,13 +215,14 @@ def _promote(ctx: Context, job: FineTuneJob, action: ApplyPromotion) -> None:
     target = action.target
     if target.config_map is not None:
         body = build_target_config_map(job, target, action.run, action.model_uri)
-        existing = ctx.cluster.get("ConfigMap", ns, target.config_map.name)
-        if existing is None:
-            ctx.cluster.create(body)
-        else:
-            ctx.cluster.merge_patch("ConfigMap", ns, target.config_map.name,
-                                    {"metadata": {"annotations": body["metadata"]["annotations"]},
-                                     "data": body["data"]})
+        patch = {"metadata": {"annotations": body["metadata"]["annotations"]}, "data": body["data"]}
+        if ctx.cluster.get("ConfigMap", ns, target.config_map.name) is None:
+            try:
+                ctx.cluster.create(body)
+                return
+            except Conflict:  # created since the read (another writer, or our own retried create)
+                pass
+        ctx.cluster.merge_patch("ConfigMap", ns, target.config_map.name, patch)
     elif target.inference_service is not None:
         ctx.cluster.merge_patch("InferenceService", ns, target.inference_service.name,
                                 build_inference_service_patch(action.run, action.model_uri))

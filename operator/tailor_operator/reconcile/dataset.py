@@ -127,9 +127,22 @@ def reconcile_dataset(dataset: Dataset, observed: DatasetObserved, settings: Ope
             what = f"revision {revision}" if revision else "the source"
             plan.events.append(Event("Normal", "Validating", f"validating {what} ({key})"))
         message = f"validation {key} is running" + (f" for revision {revision}" if revision else "")
-        st.conditions = set_condition(st.conditions, "Validating", TRUE, "Validating", message, now, generation)
+        problem = v.problem if v is not None else None
+        if problem is not None:
+            # its pod waits for something only the user can fix: say what, keep waiting (the kubelet
+            # retries, so creating the Secret is enough), and never leave a bare "Validating"
+            source_field = "spec.source.secretRef" if dataset.spec.source.secret_ref else "the validation pod"
+            message = f"validation {key} cannot start: {problem.message} (named by {source_field})" \
+                if problem.reason == "CredentialsError" else f"validation {key} is waiting: {problem.message}"
+            validating = get_condition(st.conditions, "Validating")
+            if validating is None or validating.reason != problem.reason:
+                plan.events.append(Event("Warning", problem.reason, message))
+        reason = problem.reason if problem is not None else "Validating"
+        st.conditions = set_condition(st.conditions, "Validating", TRUE, reason, message, now, generation)
         ready = get_condition(st.conditions, "Ready")
-        if ready is None or ready.reason == ACCESS_FAILED:
+        if problem is not None and problem.reason == "CredentialsError" and (ready is None or ready.status is not TRUE):
+            st.conditions = set_condition(st.conditions, "Ready", FALSE, reason, message, now, generation)
+        elif ready is None or ready.reason in (ACCESS_FAILED, "CredentialsError"):
             st.conditions = set_condition(st.conditions, "Ready", UNKNOWN, "Validating", message, now, generation)
         plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
         return _stamp(old, plan, now)
@@ -180,6 +193,8 @@ def _fold_result(dataset: Dataset, st: DatasetStatus, plan: DatasetPlan, result:
     new_revision = revision or result.get("revision")
     previous = st.revision
     st.revision = new_revision
+    fingerprint = result.get("contentFingerprint")
+    st.content_fingerprint = fingerprint if isinstance(fingerprint, str) and fingerprint else None
     st.rows = result.get("rows")
     st.rows_read = result.get("rowsRead")
     splits = result.get("splits")

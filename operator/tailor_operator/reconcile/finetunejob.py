@@ -15,6 +15,7 @@ to its next run. See docs/operator.md.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Optional
@@ -37,17 +38,26 @@ from tailor_operator.api.v1alpha1 import (
 from tailor_operator.builders.configmaps import build_config_map, build_progress_config_map
 from tailor_operator.builders.naming import run_name
 from tailor_operator.builders.networkpolicy import build_run_network_policy
-from tailor_operator.builders.rayjob import build_rayjob
+from tailor_operator.builders.preflight_job import build_preflight_config_map, build_preflight_job, preflight_key
+from tailor_operator.builders.rayjob import build_rayjob, secret_refs
 from tailor_operator.builders.trainer_access import ACCESS_FAILED
 from tailor_operator.builders.trainer_config import build_trainer_config, run_output_uri
 from tailor_operator.reconcile.conditions import FALSE, TRUE, UNKNOWN, get_condition, is_true, set_condition
 from tailor_operator.reconcile.cron import next_fire
-from tailor_operator.reconcile.observe import RunObservation, RunState, parse_time
+from tailor_operator.reconcile.observe import (
+    RunObservation,
+    RunState,
+    ValidationObservation,
+    missing_secret_name,
+    parse_time,
+)
 from tailor_operator.reconcile.plan import (
     ApplyPromotion,
+    DeletePreflight,
     DeleteRun,
     Event,
     JobPlan,
+    StartPreflight,
     StartRun,
     StopRun,
     sooner,
@@ -60,11 +70,11 @@ from tailor_trainer.config import ChampionRef
 
 # A retry cannot fix these: the same config fails the same way.
 NON_RETRYABLE = frozenset({"InvalidSpec", "DataInvalid", "GateFailed", "Diverged", "DeadlineExceeded",
-                           "UnknownTargetModules", "PolicyViolation",
+                           "UnknownTargetModules", "PolicyViolation", "DatasetChanged",
                            # a checkpoint that verifies but would run code: someone rewrote it
                            "CheckpointUnsafe"})
 # Pod problems that hold a run back (shown in error while queued).
-WAITING_PROBLEMS = frozenset({"Unschedulable", "ImagePullBackOff", "CreateContainerConfigError",
+WAITING_PROBLEMS = frozenset({"Unschedulable", "ImagePullBackOff", "CreateContainerConfigError", "CredentialsError",
                               "CrashLoopBackOff", "OOMKilled", "ReplicaFailure"})
 DEFAULT_HISTORY = 10
 _STAGES = ("prep", "adapt", "train", "evaluate")
@@ -89,6 +99,10 @@ class JobObserved:
     trainer_access_error: Optional[str] = None
     """Why the trainer pods' ServiceAccount/Role/RoleBinding cannot be created (kuberay), if so:
     the handler finds out when a plan would create a RayJob, and reconciles again with it."""
+    preflight: Optional[ValidationObservation] = None
+    """The model check (kuberay) for the current spec, when one exists (builders/preflight_job.py)."""
+    other_preflights: tuple[str, ...] = ()
+    """Model checks of earlier specs, to delete."""
 
 
 def reconcile_finetunejob(job: FineTuneJob, observed: JobObserved, settings: OperatorSettings,
@@ -237,6 +251,15 @@ def _drive_run(job: FineTuneJob, st: FineTuneJobStatus, obs: Optional[RunObserva
     if obs.state is RunState.pending:
         st.phase = Phase.queued
         old = get_condition(st.conditions, "Running")
+        if obs.reason == "CredentialsError":
+            message = _credentials_message(job, observed.dataset, obs.message)
+            waited = max((now - obs.problem_since).total_seconds(), 0.0) if obs.problem_since else 0.0
+            if waited >= settings.credentials_grace_seconds:
+                _attempt_failed(job, st, obs, settings, now, plan, attempt, reason=obs.reason,
+                                message=f"{message}; waited {int(waited)}s")
+                return
+            obs = dataclasses.replace(obs, message=message)
+            plan.requeue_after = sooner(plan.requeue_after, settings.credentials_grace_seconds - waited)
         if obs.reason in WAITING_PROBLEMS:
             st.error = JobError(reason=obs.reason, message=obs.message[:4096])
             if old is None or old.reason != obs.reason:
@@ -288,6 +311,19 @@ def _attempt_failed(job: FineTuneJob, st: FineTuneJobStatus, obs: RunObservation
         if obs.state is not RunState.failed:  # still running (stalled): stop what is left of it
             plan.actions.append(StopRun(run, reason))
         _finish(job, st, obs, settings, now, plan, succeeded=False, reason=reason, message=message)
+
+
+def _credentials_message(job: FineTuneJob, dataset: Optional[Dataset], message: str) -> str:
+    """The pod's missing-Secret message, with the field(s) that name that Secret."""
+    name = missing_secret_name(message)
+    fields = [f for role, ref in secret_refs(job, dataset) if ref == name
+              for f in (_SECRET_FIELDS[role].format(dataset=dataset.metadata.name if dataset else "?"),)]
+    where = f" (named by {', '.join(fields)})" if fields else ""
+    return f"{message}{where}; create the Secret in namespace {job.metadata.namespace} or fix the reference"
+
+
+_SECRET_FIELDS = {"model": "spec.baseModel.secretRef", "dataset": "Dataset {dataset} spec.source.secretRef",
+                  "output": "spec.output.secretRef"}
 
 
 def _stalled(spec: FineTuneJobSpec, st: FineTuneJobStatus, obs: RunObservation, now: datetime) -> Optional[str]:
@@ -408,12 +444,9 @@ def _maybe_start_run(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObser
         return
     problem = check_target_modules(job, observed.model_config)
     if problem is not None:
-        if st.error is None or st.error.reason != problem.reason or st.phase is not Phase.failed:
-            plan.events.append(Event("Warning", problem.reason, problem.message))
-        st.phase = Phase.failed
-        st.error = JobError(reason=problem.reason, message=problem.message, field=problem.field)
-        st.conditions = set_condition(st.conditions, "Failed", TRUE, problem.reason, problem.message, now)
-        st.observed_generation = generation
+        _spec_problem(st, plan, problem.reason, problem.message, problem.field, generation, now)
+        return
+    if _preflight_blocks(job, st, observed, settings, now, plan):
         return
     if job.spec.backend is Backend.local and observed.local_slots is not None and observed.local_slots <= 0:
         st.phase = Phase.queued
@@ -438,6 +471,97 @@ def _maybe_start_run(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObser
     _start(job, st, run, 1, observed, settings, now, plan)
     revision = f" on dataset revision {st.dataset_revision}" if st.dataset_revision else ""
     plan.events.append(Event("Normal", "RunStarted", f"starting run {run}{revision} ({why})"))
+
+
+def _spec_problem(st: FineTuneJobStatus, plan: JobPlan, reason: str, message: str, field: Optional[str],
+                  generation: Optional[int], now: datetime) -> None:
+    """The spec cannot work with this model: Failed (no run) until the spec changes."""
+    if st.error is None or st.error.reason != reason or st.phase is not Phase.failed:
+        plan.events.append(Event("Warning", reason, message))
+    st.phase = Phase.failed
+    st.error = JobError(reason=reason, message=message[:4096], field=field)
+    st.conditions = set_condition(st.conditions, "Failed", TRUE, reason, message, now)
+    st.observed_generation = generation
+
+
+# Model-check verdicts a later look may change without a spec edit: checked again after a delay.
+PREFLIGHT_TRANSIENT = frozenset({"SourceUnreachable", "CredentialsError", "PreflightFailed"})
+
+
+def _preflight_blocks(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObserved, settings: OperatorSettings,
+                      now: datetime, plan: JobPlan) -> bool:
+    """kuberay: no RayJob (so no GPU) for a spec whose base model has not passed the CPU model check
+    (builders/preflight_job.py). True while it runs or when it failed."""
+    if job.spec.backend is not Backend.kuberay or not settings.model_preflight or observed.model_config is not None:
+        return False
+    key = preflight_key(job, settings.trainer_image)
+    uri = job.spec.base_model.uri
+    gen = job.metadata.generation
+    for other in observed.other_preflights:
+        plan.actions.append(DeletePreflight(other))
+    v = observed.preflight if observed.preflight is not None and observed.preflight.key == key else None
+    old = get_condition(st.conditions, "ModelChecked")
+    if v is not None and v.finished and v.result and v.result.get("ok"):
+        model = v.result.get("model") or {}
+        detail = ", ".join(f"{k} {model[k]}" for k in ("modelType", "parameters", "maxPositionEmbeddings")
+                           if model.get(k) is not None)
+        st.conditions = set_condition(st.conditions, "ModelChecked", TRUE, "Checked",
+                                      f"{uri} fits the spec ({key}" + (f"; {detail})" if detail else ")"), now, gen)
+        return False
+    later = plan.requeue_after
+    if v is None or not v.finished or v.failure or (v.result or {}).get("reason") in PREFLIGHT_TRANSIENT \
+            or not (v.result or {}).get("reason"):
+        st.phase = Phase.pending  # waiting for the check (a verdict on the spec fails the job below)
+        plan.requeue_after = sooner(later, settings.active_poll_seconds)
+    if v is None or not v.exists:
+        dataset = observed.dataset
+        assert dataset is not None  # _dataset_ready passed
+        config = build_trainer_config(job, dataset, run_name(job.metadata.name, st.run_count + 1),
+                                      dataset_revision=dataset.status.revision if dataset.status else None,
+                                      inline_data=observed.inline_data)
+        children = (build_preflight_config_map(job, key, config),
+                    build_preflight_job(job, key, settings.preflight_options()))
+        plan.actions.append(StartPreflight(key, children))
+        message = f"checking {uri} against the spec on a CPU before any GPU is requested ({key})"
+        plan.events.append(Event("Normal", "CheckingModel", message))
+        st.conditions = set_condition(st.conditions, "ModelChecked", UNKNOWN, "Checking", message, now, gen)
+        return True
+    if not v.finished:
+        problem = v.problem
+        if problem is None:
+            message = f"checking {uri} against the spec on a CPU ({key})"
+            st.conditions = set_condition(st.conditions, "ModelChecked", UNKNOWN, "Checking", message, now, gen)
+            return True
+        message = f"model check {key} cannot start: {problem.message}"
+        if problem.reason == "CredentialsError":
+            message = _credentials_message(job, observed.dataset, message)
+        if old is None or old.reason != problem.reason:
+            plan.events.append(Event("Warning", problem.reason, message))
+        st.error = JobError(reason=problem.reason, message=message[:4096])
+        st.conditions = set_condition(st.conditions, "ModelChecked", UNKNOWN, problem.reason, message, now, gen)
+        return True
+    result = v.result or {}
+    reason = str(result.get("reason") or "PreflightFailed")
+    message = str(result.get("message") or v.failure or "the model check left no verdict")
+    field = result.get("field") if isinstance(result.get("field"), str) else None
+    if v.failure or reason in PREFLIGHT_TRANSIENT or not result.get("reason"):
+        delay = settings.backoff_max_seconds
+        text = f"model check {key}: {message}; checking again in {delay:g}s"
+        if old is None or old.reason != reason:
+            plan.events.append(Event("Warning", reason, text))
+        st.error = JobError(reason=reason, message=text[:4096], field=field)
+        st.conditions = set_condition(st.conditions, "ModelChecked", FALSE, reason, text, now, gen)
+        checked = old.last_transition_time if old is not None and old.status is FALSE else now
+        wait = delay - (now - (checked or now)).total_seconds()
+        if wait <= 0:
+            plan.actions.append(DeletePreflight(key))  # the next look starts a new check
+            wait = settings.active_poll_seconds
+        plan.requeue_after = sooner(later, wait)
+        return True
+    st.conditions = set_condition(st.conditions, "ModelChecked", FALSE, reason, message, now, gen)
+    _spec_problem(st, plan, reason, message, field, job.metadata.generation, now)
+    plan.requeue_after = later
+    return True
 
 
 def _policy_refused(job: FineTuneJob, st: FineTuneJobStatus, settings: OperatorSettings, now: datetime,

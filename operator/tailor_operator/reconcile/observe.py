@@ -8,6 +8,7 @@ RayCluster's pods, into a :class:`RunObservation` the reconcile reads.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -48,9 +49,12 @@ class RunState(str, Enum):
 class PodProblem:
     """A pod-level reason a run cannot make progress (or failed)."""
 
-    reason: str  # Unschedulable | ImagePullBackOff | OOMKilled | CrashLoopBackOff | CreateContainerConfigError
+    reason: str  # Unschedulable | ImagePullBackOff | OOMKilled | CrashLoopBackOff | CreateContainerConfigError |
+    # CredentialsError (a Secret the pod takes its environment from does not exist)
     message: str
     pod: str
+    since: Optional[datetime] = None
+    """When the pod was created: a missing Secret has held it back since then."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class RunObservation:
     error: Optional[dict[str, Any]] = None
     dataset_revision: Optional[str] = None
     created_at: Optional[datetime] = None
+    problem_since: Optional[datetime] = None
+    """Pending on a pod problem: since when (the pod's creation)."""
 
     @property
     def exists(self) -> bool:
@@ -87,6 +93,8 @@ class ValidationObservation:
     """The Dataset status JSON that `python -m tailor_trainer inspect` wrote."""
     failure: Optional[str] = None
     """Why the validation itself broke (no result): job failed, process crashed."""
+    problem: Optional[PodProblem] = None
+    """Why a running validation cannot make progress (its pod waits for a missing Secret)."""
 
 
 # Pod problems, worst first: the first found decides the reason shown.
@@ -97,7 +105,16 @@ _WAITING_REASONS = {
     "CreateContainerConfigError": "CreateContainerConfigError",
     "CrashLoopBackOff": "CrashLoopBackOff",
 }
-_PRIORITY = ["OOMKilled", "ImagePullBackOff", "CreateContainerConfigError", "Unschedulable", "CrashLoopBackOff"]
+_PRIORITY = ["OOMKilled", "CredentialsError", "ImagePullBackOff", "CreateContainerConfigError", "Unschedulable",
+             "CrashLoopBackOff"]
+# the kubelet's text when an envFrom/env Secret is missing: `secret "s3-creds" not found`
+_MISSING_SECRET = re.compile(r'secret "([^"]+)" not found')
+
+
+def missing_secret_name(message: str) -> Optional[str]:
+    """The Secret a CredentialsError message names, else None."""
+    m = _MISSING_SECRET.search(message)
+    return m.group(1) if m else None
 
 
 def _pod_problems(pod: dict[str, Any]) -> list[PodProblem]:
@@ -122,7 +139,12 @@ def _pod_problems(pod: dict[str, Any]) -> list[PodProblem]:
                     f"{terminated.get('exitCode', 137)}); {fix}", name))
         waiting = (cs.get("state") or {}).get("waiting") or {}
         reason = _WAITING_REASONS.get(waiting.get("reason", ""))
-        if reason:
+        missing = _MISSING_SECRET.search(waiting.get("message") or "") if reason == "CreateContainerConfigError" else None
+        if missing:
+            found.append(PodProblem("CredentialsError", f'secret "{missing.group(1)}" not found: container '
+                                    f"{container} of pod {name} cannot start without it", name,
+                                    parse_time((pod.get("metadata") or {}).get("creationTimestamp"))))
+        elif reason:
             found.append(PodProblem(reason, f"container {container} of pod {name}: {waiting.get('reason')}: "
                                     f"{waiting.get('message') or ''}".rstrip(": "), name))
     return found
@@ -164,8 +186,12 @@ def progress_for_attempt(doc: Optional[dict[str, Any]], attempt: int) -> Optiona
 
 
 def observe_rayjob(rayjob: dict[str, Any], progress: Optional[dict[str, Any]] = None,
-                   pods: Optional[list[dict[str, Any]]] = None) -> RunObservation:
-    """Fold a RayJob (ray.io/v1), the run's progress document and its pods into one observation."""
+                   pods: Optional[list[dict[str, Any]]] = None, *, progress_read: bool = True) -> RunObservation:
+    """Fold a RayJob (ray.io/v1), the run's progress document and its pods into one observation.
+
+    `progress_read`: whether `progress` is what the run's progress ConfigMap holds (None: it holds
+    nothing for this attempt). False for runs whose document was not fetched (finished runs listed
+    only for ttlSecondsAfterFinished): their SUCCEEDED is not checked against the trainer's word."""
     meta = rayjob.get("metadata") or {}
     annotations = meta.get("annotations") or {}
     attempt = _int(annotations.get(ANNOTATION_ATTEMPT), 1)
@@ -188,6 +214,13 @@ def observe_rayjob(rayjob: dict[str, Any], progress: Optional[dict[str, Any]] = 
     result = (doc or {}).get("result") or None
 
     if deployment == "Complete" and job_status == "SUCCEEDED":
+        # KubeRay's SUCCEEDED means the entrypoint exited 0 (or a submitter's log tail did): only
+        # the trainer's own document says the pipeline finished.
+        untrue = _succeeded_untrue(doc, attempt) if progress_read else None
+        if untrue is not None:
+            reason, message = untrue
+            return RunObservation(**base, state=RunState.failed, reason=reason, message=message,
+                                  error=trainer_error, result=result)
         return RunObservation(**base, state=RunState.succeeded, reason="Succeeded",
                               message=status.get("message") or "Ray job succeeded", result=result)
     if deployment in ("Failed", "ValidationFailed") or (
@@ -205,7 +238,8 @@ def observe_rayjob(rayjob: dict[str, Any], progress: Optional[dict[str, Any]] = 
                               message=status.get("message") or "")
     # Still coming up: say why, rather than KubeRay's bare "Initializing".
     if problem is not None:
-        return RunObservation(**base, state=RunState.pending, reason=problem.reason, message=problem.message)
+        return RunObservation(**base, state=RunState.pending, reason=problem.reason, message=problem.message,
+                              problem_since=problem.since)
     cluster_failure = _cluster_failure(status)
     if cluster_failure is not None:
         return RunObservation(**base, state=RunState.pending, reason="ReplicaFailure", message=cluster_failure)
@@ -220,6 +254,26 @@ def observe_rayjob(rayjob: dict[str, Any], progress: Optional[dict[str, Any]] = 
                               message="waiting for KubeRay to take the RayJob")
     return RunObservation(**base, state=RunState.pending, reason="Initializing",
                           message=status.get("message") or "waiting for the RayCluster to start")
+
+
+def _succeeded_untrue(doc: Optional[dict[str, Any]], attempt: int,
+                      said: str = "KubeRay reports the Ray job SUCCEEDED, but") -> Optional[tuple[str, str]]:
+    """(reason, message) when the runner says success but the trainer's document does not; else None."""
+    if doc is None:
+        return ("TrainerIncomplete", f"{said} the trainer left no progress document for attempt {attempt}: the "
+                "entrypoint exited 0 without running the pipeline to its end; the attempt counts as failed")
+    error = doc.get("error") or {}
+    if doc.get("state") == "Failed" or error.get("reason"):
+        reason = str(error.get("reason") or "TrainerFailed")
+        return reason, str(error.get("message") or f"{said} the trainer reported {reason}")
+    if doc.get("state") != "Succeeded" or not doc.get("result"):
+        where = f"stage {doc.get('stage') or '-'}"
+        if doc.get("step") is not None:
+            where += f" step {doc.get('step')}/{doc.get('totalSteps') or '?'}"
+        return ("TrainerIncomplete", f"{said} the trainer's last progress (attempt {attempt}) is state "
+                f"{doc.get('state') or '-'} at {where} with no result: the pipeline did not finish "
+                "evaluate; the attempt counts as failed and is retried from its checkpoint")
+    return None
 
 
 def head_lost(status: dict[str, Any], pods: list[dict[str, Any]]) -> Optional[str]:
@@ -288,8 +342,13 @@ def observe_local_run(run: str, *, number: int, attempt: int, running: bool, exi
     trainer_error = (doc or {}).get("error") or None
     result = (doc or {}).get("result") or None
     if exit_code == 0 or (exit_code is None and state == "Succeeded"):
-        return RunObservation(**base, state=RunState.succeeded, reason="Succeeded",
-                              message="trainer exited 0", result=result)
+        untrue = _succeeded_untrue(doc, attempt, "the trainer process exited 0, but")
+        if untrue is None:
+            return RunObservation(**base, state=RunState.succeeded, reason="Succeeded",
+                                  message="trainer exited 0", result=result)
+        reason, message = untrue
+        return RunObservation(**base, state=RunState.failed, reason=reason, message=message,
+                              error=trainer_error, result=result)
     if trainer_error and trainer_error.get("reason"):
         return RunObservation(**base, state=RunState.failed, reason=str(trainer_error["reason"]),
                               message=str(trainer_error.get("message") or ""), error=trainer_error)
@@ -306,7 +365,8 @@ def observe_local_run(run: str, *, number: int, attempt: int, running: bool, exi
 
 
 def observe_inspect(key: str, *, config_map: Optional[dict[str, Any]], job: Optional[dict[str, Any]],
-                    result_key: str = "status.json") -> ValidationObservation:
+                    result_key: str = "status.json",
+                    pods: Optional[list[dict[str, Any]]] = None) -> ValidationObservation:
     """Fold a validation Job and its result ConfigMap (the pod writes the status JSON there)."""
     import json
 
@@ -326,4 +386,4 @@ def observe_inspect(key: str, *, config_map: Optional[dict[str, Any]], job: Opti
                                          f"{cond.get('message', '')}".strip())
     if job is None:
         return ValidationObservation(key=key)  # the Job is gone and left no result: start again
-    return ValidationObservation(key=key, exists=True)
+    return ValidationObservation(key=key, exists=True, problem=pod_problem(pods or []))

@@ -73,7 +73,21 @@ class DeleteValidation:
     key: str
 
 
-Action = Union[StartRun, StopRun, DeleteRun, ApplyPromotion, StartValidation, DeleteValidation]
+@dataclass(frozen=True)
+class StartPreflight:
+    """Check the base model against the spec on CPU (kuberay): ConfigMap + batch/v1 Job `<key>`."""
+
+    key: str
+    children: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class DeletePreflight:
+    key: str
+
+
+Action = Union[StartRun, StopRun, DeleteRun, ApplyPromotion, StartValidation, DeleteValidation, StartPreflight,
+               DeletePreflight]
 
 
 @dataclass

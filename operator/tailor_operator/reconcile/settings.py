@@ -46,6 +46,14 @@ class OperatorSettings:
     """At most one progress-only status write per object in this interval."""
     active_poll_seconds: float = 10.0
     """Re-check an active run this often even without events (progress file, pods)."""
+    model_preflight: bool = True
+    """kuberay: check the base model against the spec in a CPU Job (trainer image, `python -m
+    tailor_trainer preflight`) before the first RayJob of a spec; skipped when the operator can read
+    the model's config itself (a local path)."""
+    credentials_grace_seconds: float = 30.0
+    """How long a run's pod may wait for a missing Secret (the kubelet retries, so a Secret applied
+    just after the job still works) before the attempt fails with CredentialsError and its pods,
+    which may hold GPUs, are deleted."""
     validation_job_ttl_seconds: int = 600
     validation_cpu: str = "1"
     validation_memory: str = "2Gi"
@@ -153,6 +161,10 @@ class OperatorSettings:
             cpu_pool_tolerations=tolerations,
             allow_private_addresses=self.allow_private_addresses,
         )
+
+    def preflight_options(self) -> InspectJobOptions:
+        """The model check runs like a Dataset validation: same image, account, pool, size."""
+        return self.inspect_options()
 
     def backoff_seconds(self, failed_attempts: int) -> float:
         """Delay before the next attempt after `failed_attempts` failures (1, 2, ...)."""

@@ -128,6 +128,12 @@ def _matches_module(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+def matched_modules(model: Any, targets: list[str]) -> list[str]:
+    """Names of the modules ``targets`` select (those PEFT wraps); on an adapted model each
+    wrapped target counts once (its own children are ``base_layer``, ``lora_A``, ...)."""
+    return [n for n, _ in model.named_modules() if n and any(_matches_module(n, t) for t in targets)]
+
+
 def check_target_modules(model: Any, targets: list[str], field_path: str) -> None:
     """Every target must name at least one module; otherwise list the ones that exist."""
     names = [n for n, _ in model.named_modules() if n]
