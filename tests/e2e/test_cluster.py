@@ -299,8 +299,9 @@ def test_a_deleted_head_pod_never_leaves_the_job_running(demo: NodeCluster) -> N
 def test_a_missing_secret_is_named_within_60s_and_fixed_by_creating_it(demo: NodeCluster) -> None:
     """A Dataset and a FineTuneJob whose secretRef names a Secret that does not exist: the real
     kubelet holds their pods in CreateContainerConfigError. Within 60 s the Dataset says
-    CredentialsError (never a bare Validating) and the job's attempt fails with CredentialsError
-    (its Ray pods deleted); creating the Secret lets the Dataset's validation finish."""
+    CredentialsError (never a bare Validating) and the job, whose CPU model check cannot start,
+    says CredentialsError too and never gets a RayJob (no GPU asked for); creating the Secret
+    lets the Dataset's validation finish."""
     cluster, secret = demo, "tailor-missing-creds"
     ds = example_dataset()
     ds["metadata"] = {"name": "needs-secret"}
@@ -322,10 +323,9 @@ def test_a_missing_secret_is_named_within_60s_and_fixed_by_creating_it(demo: Nod
                          what="FineTuneJob error CredentialsError", on_timeout=lambda: describe(cluster))
         t_job = time.monotonic() - t0
         assert "spec.baseModel.secretRef" in err["error"]["message"], err
-        # past the grace period the attempt fails and its pods (which could hold GPUs) go
-        wait_until(lambda: condition(status(cluster, "ftj", "needs-secret"), "Retrying").get("status") == "True"
-                   or status(cluster, "ftj", "needs-secret").get("phase") == "Failed", 90, interval=1,
-                   what="the attempt failed with CredentialsError", on_timeout=lambda: describe(cluster))
+        assert condition(err, "ModelChecked").get("reason") == "CredentialsError", err
+        assert err["phase"] == "Pending", err
+        assert cluster.get_json("rayjob", "needs-secret-r1", "-n", NS) is None, "a RayJob before the model check"
         print(f"\n[node] missing Secret: Dataset CredentialsError after {t_ds:.0f}s, FineTuneJob after {t_job:.0f}s")
         cluster.kubectl("delete", "ftj", "needs-secret", "-n", NS, "--wait=false", check=True)
         # the fix is only to create the Secret: the kubelet retries and the validation finishes
