@@ -8,12 +8,19 @@ the real pipeline (``main_run``, prep only) compares it with the rows it reads.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
+import yaml
+
 from tailor_operator.api.v1alpha1 import Dataset, DatasetStatus, FineTuneJob
+from tailor_operator.builders.preflight_job import preflight_key
 from tailor_operator.builders.trainer_config import build_trainer_config
 from tailor_operator.metrics import FAILURE_REASONS
-from tailor_operator.reconcile.finetunejob import NON_RETRYABLE
+from tailor_operator.reconcile.finetunejob import NON_RETRYABLE, JobObserved, reconcile_finetunejob
+from tailor_operator.reconcile.observe import ValidationObservation
+from tailor_operator.reconcile.plan import StartRun
+from tailor_operator.reconcile.settings import OperatorSettings
 from tailor_trainer import pipeline, render
 from tailor_trainer.config import ResolvedDataset, TrainerConfig
 from tailor_trainer.stages import prep
@@ -115,6 +122,31 @@ def test_run_config_carries_the_fingerprint_of_its_pinned_revision():
     assert json.loads(cfg.model_dump_json(by_alias=True))["dataset"]["contentFingerprint"] == "abc123"
     # The status moved on to another revision: its fingerprint describes other rows.
     assert build_trainer_config(job, dataset, "j-r1", dataset_revision="r0").dataset.content_fingerprint is None
+
+
+def test_a_retry_after_the_dataset_moved_on_still_checks_the_first_attempts_rows():
+    """The run started on r1 (fingerprint abc123 recorded in the job's status); before its retry the
+    Dataset was re-validated as r2. The retry is still pinned to r1, and its config carries r1's
+    fingerprint, so prep fails with DatasetChanged instead of training on r2's rows."""
+    doc = yaml.safe_load((Path(__file__).parents[1] / "data" / "ftj-retry-starts" / "input.yaml").read_text())
+    doc["job"]["status"].update(datasetRevision="r1", datasetFingerprint="abc123")
+    doc["dataset"]["status"].update(revision="r2", contentFingerprint="def456")
+    job, dataset = FineTuneJob.model_validate(doc["job"]), Dataset.model_validate(doc["dataset"])
+    settings = OperatorSettings()
+    check = ValidationObservation(key=preflight_key(job, settings.trainer_image), exists=True, finished=True,
+                                  result={"ok": True, "model": {}})
+    now = datetime.fromisoformat(doc["now"].replace("Z", "+00:00"))
+    plan = reconcile_finetunejob(job, JobObserved(dataset=dataset, runs={}, preflight=check), settings, now)
+    start = next(a for a in plan.actions if isinstance(a, StartRun))
+    assert (start.run, start.attempt) == ("support-r1", 2)
+    assert (start.config.dataset.revision, start.config.dataset.content_fingerprint) == ("r1", "abc123")
+    assert plan.status.dataset_fingerprint == "abc123"
+
+
+def test_a_new_run_records_the_fingerprint_it_is_pinned_to():
+    job, dataset = _job_and_dataset(DatasetStatus(revision="r1", content_fingerprint="abc123"))
+    cfg = build_trainer_config(job, dataset, "j-r1", dataset_revision="r0", dataset_fingerprint="fff000")
+    assert cfg.dataset.content_fingerprint == "fff000"  # what the job's status recorded wins
 
 
 def test_dataset_changed_is_final_and_a_known_metrics_reason():

@@ -517,6 +517,10 @@ class FineTuneJobStatus(CamelModel):
     attempts: int = 0
     """Attempts of the current run (1 + retries)."""
     dataset_revision: Optional[str] = None
+    dataset_fingerprint: Optional[str] = None
+    """Content fingerprint of the rows the current run is pinned to (the Dataset's
+    status.contentFingerprint when the run started). Every attempt's prep checks what it reads
+    against it and fails with DatasetChanged rather than train on other rows."""
     artifacts: Optional[Artifacts] = None
     champion: Optional[ChampionStatus] = None
     history: list[HistoryEntry] = Field(default_factory=list, max_length=100)

@@ -55,11 +55,16 @@ def build_trainer_config(
     *,
     attempt: int = 1,
     dataset_revision: Optional[str] = None,
+    dataset_fingerprint: Optional[str] = None,
     inline_data: Optional[str] = None,
     progress_file: Optional[str] = None,
     champion: Optional[ChampionRef] = None,
 ) -> TrainerConfig:
     """Everything the trainer reads; no API calls (the caller resolves revision and inline data).
+
+    `dataset_fingerprint` is the content fingerprint recorded when the run started (a retry after
+    the Dataset moved to another revision still checks the rows against it); without it, the
+    Dataset's own, when its status still names the run's revision.
 
     The progress sink is a file for the local backend (`progress_file`), else the ConfigMap
     `<run>-progress` that the operator watches.
@@ -72,7 +77,7 @@ def build_trainer_config(
         **data_fields,
         name=dataset.metadata.name,
         revision=revision,
-        content_fingerprint=_pinned_fingerprint(dataset, revision),
+        content_fingerprint=dataset_fingerprint or _pinned_fingerprint(dataset, revision),
         inline_data=inline_data,
     )
     sink = (

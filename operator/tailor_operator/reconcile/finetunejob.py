@@ -147,6 +147,9 @@ def _adopt(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObserved, plan:
     st.current_run = o.run
     st.attempts = o.attempt
     st.dataset_revision = o.dataset_revision
+    ds = observed.dataset.status if observed.dataset is not None else None
+    # the run's config was built with the Dataset's fingerprint if its status still names that revision
+    st.dataset_fingerprint = ds.content_fingerprint if ds is not None and ds.revision == o.dataset_revision else None
     st.start_time = o.created_at or st.start_time
     st.completion_time = None
     st.stage, st.progress, st.metrics, st.artifacts, st.error = None, None, None, None, None
@@ -368,7 +371,7 @@ def _start(job: FineTuneJob, st: FineTuneJobStatus, run: str, attempt: int, obse
     if st.champion is not None and st.champion.model:
         champion = ChampionRef(run=st.champion.run, model_uri=st.champion.model, metrics=st.champion.metrics)
     config = build_trainer_config(job, dataset, run, attempt=attempt, dataset_revision=st.dataset_revision,
-                                  inline_data=observed.inline_data, champion=champion)
+                                  dataset_fingerprint=st.dataset_fingerprint, inline_data=observed.inline_data, champion=champion)
     children: tuple[dict[str, Any], ...] = ()
     if job.spec.backend is Backend.kuberay:
         rayjob = build_rayjob(job, dataset, run, number=st.run_count, attempt=attempt,
@@ -463,6 +466,7 @@ def _maybe_start_run(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObser
     st.current_run = run
     st.attempts = 1
     st.dataset_revision = dataset.status.revision if dataset is not None and dataset.status else None
+    st.dataset_fingerprint = dataset.status.content_fingerprint if dataset is not None and dataset.status else None
     st.start_time = now
     st.completion_time = None
     st.stage, st.progress, st.metrics, st.artifacts, st.error = None, None, None, None, None
