@@ -371,7 +371,8 @@ def _start(job: FineTuneJob, st: FineTuneJobStatus, run: str, attempt: int, obse
     if st.champion is not None and st.champion.model:
         champion = ChampionRef(run=st.champion.run, model_uri=st.champion.model, metrics=st.champion.metrics)
     config = build_trainer_config(job, dataset, run, attempt=attempt, dataset_revision=st.dataset_revision,
-                                  dataset_fingerprint=st.dataset_fingerprint, inline_data=observed.inline_data, champion=champion)
+                                  dataset_fingerprint=st.dataset_fingerprint, inline_data=observed.inline_data,
+                                  champion=champion)
     children: tuple[dict[str, Any], ...] = ()
     if job.spec.backend is Backend.kuberay:
         rayjob = build_rayjob(job, dataset, run, number=st.run_count, attempt=attempt,
