@@ -208,8 +208,9 @@ def test_hf_answers_become_verdicts(fake_hub, tmp_path, status, code, reason, fi
     answer.update(status=status, code=code)
     config = tmp_path / "config.json"
     config.write_text(make_config("hf://acme/tiny").model_dump_json(by_alias=True))
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": "hf_fake",
-           "TAILOR_DOWNLOAD_TRIES": "2", "TAILOR_DOWNLOAD_BACKOFF_S": "0"}
+    # online against the local fake hub (`make` exports HF_HUB_OFFLINE=1 for everything else)
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"),
+           "HF_TOKEN": "hf_fake", "TAILOR_DOWNLOAD_TRIES": "2", "TAILOR_DOWNLOAD_BACKOFF_S": "0"}
     proc = subprocess.run([sys.executable, "-m", "tailor_trainer", "preflight", "--config", str(config)],
                           capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr
