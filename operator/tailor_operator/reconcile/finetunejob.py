@@ -15,8 +15,7 @@ to its next run. See docs/operator.md.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Optional
 
@@ -261,7 +260,7 @@ def _drive_run(job: FineTuneJob, st: FineTuneJobStatus, obs: Optional[RunObserva
                 _attempt_failed(job, st, obs, settings, now, plan, attempt, reason=obs.reason,
                                 message=f"{message}; waited {int(waited)}s")
                 return
-            obs = dataclasses.replace(obs, message=message)
+            obs = replace(obs, message=message)
             plan.requeue_after = sooner(plan.requeue_after, settings.credentials_grace_seconds - waited)
         if obs.reason in WAITING_PROBLEMS:
             st.error = JobError(reason=obs.reason, message=obs.message[:4096])
