@@ -7,7 +7,7 @@ For each size (Llama-architecture models with random weights from the public Lla
 Llama 3.1 8B configurations, written below: no hub access needed) and each method (LoRA r=16 on
 all linear layers; full fine-tuning in pure bf16, AdamW), both sides train on the same random
 token sequences with the same batch, sequence length and number of steps:
-  tailor  ``tailor_trainer.stages.train.fit`` — the recipe every Ray Train worker of the train
+  tailor  ``tailor_trainer.training.fit`` — the recipe every Ray Train worker of the train
           stage runs (precision bf16, one GPU)
   hf      ``transformers.Trainer`` (bf16, adamw_torch, no logging/saving), same PEFT config
 Throughput is steady-state tokens/s (the first, warm-up step left out); MFU is model FLOPs per
@@ -115,7 +115,7 @@ def run_tailor(model_dir: Path, rows: list[dict], method: str, batch: int, steps
     import torch
 
     from tailor_trainer.config import TrainerConfig
-    from tailor_trainer.stages.train import fit
+    from tailor_trainer.training import fit
 
     adaptation = {"method": method}
     if method == "lora":

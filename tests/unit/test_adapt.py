@@ -14,7 +14,8 @@ pytest.importorskip("peft")
 
 from tailor_trainer.config import Adaptation, TrainerConfig  # noqa: E402
 from tailor_trainer.stages import InvalidSpec, StageContext  # noqa: E402
-from tailor_trainer.stages.adapt import apply_adaptation, load_base, run_adapt  # noqa: E402
+from tailor_trainer.adaptation import apply_adaptation, load_base  # noqa: E402
+from tailor_trainer.stages.adapt import run_adapt  # noqa: E402
 
 N_LAYERS = 2  # the tiny fixture model
 

@@ -210,7 +210,7 @@ def test_gradient_checkpointing_changes_memory_not_results(prepared, tmp_path, m
     replayed), and the model really runs with checkpointing on."""
     from safetensors.torch import load_file
 
-    from tailor_trainer.stages import adapt as adapt_module
+    from tailor_trainer import adaptation as adapt_module
 
     seen = []
     original = adapt_module.build_trainable

@@ -11,7 +11,7 @@ from contextlib import nullcontext
 from typing import Any
 
 from tailor_trainer.config import Precision
-from tailor_trainer.stages import DataInvalid
+from tailor_trainer.errors import DataInvalid
 
 IGNORE_INDEX = -100
 

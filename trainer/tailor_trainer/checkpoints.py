@@ -8,7 +8,8 @@ the temporary directory and (after the rename) the parent are fsynced, so a chec
 reported complete survives a power loss.
 
 Before a resume :func:`find_resumable` verifies the newest checkpoint (manifest parses, config
-hash, sizes, checksums) and falls back to the one before when it fails, naming the reason. The
+hash, sizes, checksums) and falls back to the one before when it fails, naming the reason;
+with several ranks :func:`choose_checkpoint` makes them agree on one verified step. The
 ``.pt`` files are read with :func:`load_torch` (``torch.load(weights_only=True)``): tensors and
 plain containers only, never arbitrary pickled objects — a run directory is writable by whoever
 can write the output path, so its contents must not be able to run code in the trainer.
@@ -25,7 +26,7 @@ import shutil
 import uuid
 from typing import Any, Callable, NamedTuple, Optional
 
-from tailor_trainer.stages import TrainingFailed
+from tailor_trainer.errors import TrainingFailed
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -199,6 +200,30 @@ def find_resumable(root: str, config_hash: str, at_most: Optional[int] = None
         log.warning("skipping checkpoint %s: %s", name, reason)
         skipped.append({"step": step, "reason": reason})
     return None, skipped
+
+
+def choose_checkpoint(root: str, config_hash: str, world: int
+                      ) -> tuple[Optional[Resumable], list[dict[str, Any]]]:
+    """The checkpoint every rank resumes from: each rank verifies its own copy (on another node it
+    is a separate download); while they disagree, all retry at or below the oldest choice, so
+    every rank loads the same verified step (or none)."""
+    import torch.distributed as dist
+
+    found, skipped = find_resumable(root, config_hash)
+    if world == 1:
+        return found, skipped
+    while True:
+        choices: list[Any] = [None] * world
+        dist.all_gather_object(choices, found.step if found else -1)
+        if len(set(choices)) == 1:
+            return found, skipped
+        limit = min(choices)
+        for step in sorted({c for c in choices if c > limit}, reverse=True):
+            if not any(s["step"] == step for s in skipped):
+                skipped.append({"step": step, "reason": f"CheckpointCorrupt: step-{step} failed "
+                                                        "verification on another rank"})
+        found, more = find_resumable(root, config_hash, at_most=limit) if limit >= 0 else (None, [])
+        skipped += [s for s in more if not any(s["step"] == k["step"] for k in skipped)]
 
 
 def load_torch(path: str, map_location: Any = None) -> Any:

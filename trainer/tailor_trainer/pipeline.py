@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 from tailor_trainer import storage
 from tailor_trainer.config import TrainerConfig
+from tailor_trainer.contract import RESULT_FILE
 from tailor_trainer.report import Reporter, utcnow
 from tailor_trainer.stages import STAGES, InvalidSpec, StageContext, StageError, select
 
@@ -109,7 +110,7 @@ def run_pipeline(cfg: TrainerConfig, reporter: Reporter, stages: Optional[str] =
             _push_after_failure(mirror)
         raise
     if "evaluate" in names or finished(run_dir, "evaluate", config_hash):
-        return storage.read_json(os.path.join(run_dir, "evaluate", "result.json"))
+        return storage.read_json(os.path.join(run_dir, "evaluate", RESULT_FILE))
     return None
 
 

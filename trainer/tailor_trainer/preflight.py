@@ -4,7 +4,7 @@ The operator runs this in a small CPU Job (the trainer image, the run's Secrets 
 environment) before it creates the RayJob, so that a model that cannot be resolved, or whose
 target modules or context length do not fit the spec, fails before any GPU is requested. Only
 the model's config and tokenizer files are fetched, never the weights; the model is built on the
-meta device and checked with the adapt stage's own code (:func:`stages.adapt.apply_adaptation`),
+meta device and checked with the adapt stage's own code (:func:`adaptation.apply_adaptation`),
 so preflight and adapt cannot disagree.
 
 Checks, in order; the first failure is the verdict:
@@ -29,8 +29,9 @@ import traceback
 from typing import Any, Optional
 
 from tailor_trainer import retry, storage
+from tailor_trainer.adaptation import apply_adaptation, load_base, matched_modules
 from tailor_trainer.config import AdaptationMethod, TrainerConfig
-from tailor_trainer.stages import StageError
+from tailor_trainer.errors import InvalidSpec, StageError
 
 # What from_config and AutoTokenizer read; weights (*.safetensors, *.bin, *.pt, ...) never match.
 METADATA_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
@@ -191,9 +192,6 @@ def max_positions(config: Any) -> Optional[int]:
 
 def _check_adaptation(cfg: TrainerConfig, model: Any, info: dict[str, Any]) -> None:
     """The adapt stage's own checks, on the weightless model."""
-    from tailor_trainer.stages import InvalidSpec
-    from tailor_trainer.stages.adapt import apply_adaptation, matched_modules
-
     adaptation = cfg.adaptation
     if adaptation.method is AdaptationMethod.qlora:
         # Same target modules as LoRA; the 4-bit part needs a GPU and is not what is checked here.
@@ -230,8 +228,6 @@ def _check_tokenizer(model_dir: str, uri: str) -> None:
 
 
 def _checks(cfg: TrainerConfig, scratch: str, info: dict[str, Any]) -> None:
-    from tailor_trainer.stages.adapt import load_base
-
     model_dir = resolve_model_metadata(cfg.model.uri, cfg.model.revision, scratch)
     model = load_base(model_dir, meta=True)  # ModelInvalid when the config does not load
     info["modelType"] = getattr(model.config, "model_type", None)
@@ -266,7 +262,6 @@ def run_preflight(cfg: TrainerConfig) -> dict[str, Any]:
 def main_preflight(config_path: str, result_file: Optional[str] = None) -> int:
     """Entry point: print the verdict document; exit 0 whenever there is a verdict."""
     from tailor_trainer.pipeline import _cpu_friendly_threads, _quiet_libraries, load_config
-    from tailor_trainer.stages import InvalidSpec
 
     _cpu_friendly_threads()
     try:

@@ -14,6 +14,9 @@ import math
 from html import escape
 from typing import Any, Optional
 
+import yaml
+
+from tailor_trainer import hub
 from tailor_trainer.config import TrainerConfig
 
 _METRICS = [("loss", "Eval loss", False), ("perplexity", "Perplexity", False),
@@ -254,28 +257,38 @@ def report_html(cfg: TrainerConfig, result: dict[str, Any], samples: dict[str, A
     return "\n".join(h)
 
 
-def model_card(cfg: TrainerConfig, result: dict[str, Any], plan: dict[str, Any]) -> str:
-    """README.md for the model directory: front matter, how to load it, lineage and metrics."""
+def model_card(cfg: TrainerConfig, result: dict[str, Any], plan: dict[str, Any], *, merged: bool = False) -> str:
+    """README.md for the model directory: Hub front matter, how to load it, lineage and metrics.
+    ``merged``: the card of ``train/merged`` (a full model even when the run trained an adapter)."""
     m = result.get("metrics", {})
-    peft = cfg.adaptation.method.is_peft
-    lines = ["---", f"base_model: {json.dumps(cfg.model.uri)}",
-             f"library_name: {'peft' if peft else 'transformers'}", "pipeline_tag: text-generation",
-             "tags: [tailor, fine-tuned, " + cfg.adaptation.method.value + "]", "---", "",
+    peft = cfg.adaptation.method.is_peft and not merged
+    meta = yaml.safe_dump(hub.front_matter(cfg, result, adapter=peft), sort_keys=False, allow_unicode=True,
+                          default_flow_style=False, width=1000)
+    what = f"A {cfg.adaptation.method.value} fine-tune" + (" (the adapter merged into the base's weights)"
+                                                          if merged and cfg.adaptation.method.is_peft else "")
+    lines = ["---", meta.rstrip("\n"), "---", "",
              f"# {result.get('run')}", "",
-             f"A {cfg.adaptation.method.value} fine-tune of `{cfg.model.uri}` on the `{cfg.dataset.name}` "
+             f"{what} of `{cfg.model.uri}` on the `{cfg.dataset.name}` "
              f"dataset, produced by Tailor run `{result.get('run')}` (FineTuneJob `{result.get('job')}`).", "",
              "## Use", "", "```python"]
-    if peft:
+    base = hub.base_reference(cfg)
+    if peft and "://" in base:  # the adapter names a base PEFT cannot fetch (s3://): load it yourself
+        lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f"base = AutoModelForCausalLM.from_pretrained(\"<a local copy of {base}>\")",
+                  "model = PeftModel.from_pretrained(base, \"<this directory>\")",
+                  "tokenizer = AutoTokenizer.from_pretrained(\"<this directory>\")"]
+    elif peft:
         lines += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+                  f"# loads the base from {base}, named in adapter_config.json",
                   "model = AutoPeftModelForCausalLM.from_pretrained(\"<this directory>\")",
                   "tokenizer = AutoTokenizer.from_pretrained(\"<this directory>\")"]
-        if cfg.adaptation.activation is not None:
-            lines += [f"# The base model's MLP activation was changed to {cfg.adaptation.activation.value}: "
-                      "load the merged model, or set it on the base before attaching this adapter."]
     else:
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   "model = AutoModelForCausalLM.from_pretrained(\"<this directory>\")",
                   "tokenizer = AutoTokenizer.from_pretrained(\"<this directory>\")"]
+    if peft and cfg.adaptation.activation is not None:
+        lines += [f"# The base model's MLP activation was changed to {cfg.adaptation.activation.value}: "
+                  "load the merged model, or set it on the base before attaching this adapter."]
     lines += ["```", "", "## Evaluation", "",
               f"On {result.get('evaluatedOn', {}).get('rows', '?')} held-out "
               f"{result.get('evaluatedOn', {}).get('split', 'test')} rows, never seen in training:", "",

@@ -23,11 +23,12 @@ from datetime import datetime, timezone
 from typing import Any, Optional, Protocol
 
 from tailor_trainer.config import ProgressSink, RunInfo
+from tailor_trainer.contract import PROGRESS_FILE
 from tailor_trainer.redact import redact
 
 log = logging.getLogger(__name__)
 
-PROGRESS_KEY = "progress.json"
+PROGRESS_KEY = PROGRESS_FILE  # the ConfigMap key is the file name
 # Fields a stage change resets (they describe the stage that just ended).
 _STAGE_FIELDS = ("step", "totalSteps", "epoch", "loss", "tokensPerSecond", "etaSeconds", "message")
 

@@ -14,7 +14,7 @@ import time
 from typing import Any, Optional
 
 from tailor_trainer.config import TrainerConfig
-from tailor_trainer.stages import StageError
+from tailor_trainer.errors import StageError
 
 
 def use_local_mode(cfg: TrainerConfig) -> bool:

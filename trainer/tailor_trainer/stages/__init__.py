@@ -5,119 +5,32 @@ manifest body; the pipeline writes ``<run>/<stage>/manifest.json`` last. The reg
 table of functions in this package: a stage name from a config only ever selects one of these
 four, never a module path (anyone who can create a FineTuneJob would choose the code that runs).
 
-Failures a user can act on are :class:`StageError` subclasses carrying the ``reason``, message
-and spec ``field`` that end up in ``FineTuneJob.status.error``.
+Failures a user can act on are :class:`StageError` subclasses (``tailor_trainer.errors``)
+carrying the ``reason``, message and spec ``field`` that end up in ``FineTuneJob.status.error``;
+:class:`StageContext` and :class:`Stage` live in ``stages.base``. Both are re-exported here for
+callers of the registry; stage and library modules import them from where they live.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Optional, Protocol
+from typing import Any, Callable, Mapping, Optional
 
-from tailor_trainer.config import TrainerConfig
-from tailor_trainer.redact import redact
+from tailor_trainer.contract import STAGE_ORDER
+from tailor_trainer.errors import (  # noqa: F401 - re-exported for callers of the registry
+    DataInvalid,
+    Diverged,
+    GateFailed,
+    InvalidSpec,
+    ModelInvalid,
+    StageError,
+    TrainingFailed,
+)
+from tailor_trainer.stages.base import Progress, Stage, StageContext  # noqa: F401 - re-exported
 
-STAGE_ORDER: tuple[str, ...] = ("prep", "adapt", "train", "evaluate")
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors (reason -> FineTuneJob.status.error.reason)
-
-
-class StageError(Exception):
-    """A failure with a reason the operator shows as is; ``exit_code`` 1 unless said otherwise.
-
-    The message goes to the status, Events and the log: credential-shaped text is masked."""
-
-    reason = "StageFailed"
-    exit_code = 1
-
-    def __init__(self, message: str, *, field: Optional[str] = None, reason: Optional[str] = None):
-        message = redact(message)
-        super().__init__(message)
-        self.message = message
-        self.field = field
-        if reason:
-            self.reason = reason
-
-
-class InvalidSpec(StageError):
-    """The spec cannot work with this model or data (retrying will not help)."""
-
-    reason = "InvalidSpec"
-    exit_code = 2
-
-
-class ModelInvalid(StageError):
-    reason = "ModelInvalid"
-
-
-class DataInvalid(StageError):
-    reason = "DataInvalid"
-
-
-class Diverged(StageError):
-    """The training loss became NaN or infinite."""
-
-    reason = "Diverged"
-
-
-class GateFailed(StageError):
-    """An evaluation gate was missed; the message names the metric, value and threshold."""
-
-    reason = "GateFailed"
-
-
-class TrainingFailed(StageError):
-    reason = "TrainingFailed"
-
-
-# ---------------------------------------------------------------------------------------------
-# What a stage gets and what it is
-
-
-Progress = Callable[..., None]
-
-
-@dataclass
-class StageContext:
-    """Everything a stage may use: the config, the local run directory and the progress callback."""
-
-    config: TrainerConfig
-    run_dir: str
-    """Local path of the run directory (TrainerConfig.outputUri resolved)."""
-    config_hash: str
-    progress: Progress = field(default=lambda **_: None)
-    """``progress(stage=..., step=..., loss=..., ...)``: fields of the progress document."""
-    model_dir: Optional[str] = None
-    """Local directory of the base model (resolved once by the pipeline)."""
-    mirror: Optional[Any] = None
-    """``storage.RunMirror`` when the output is remote (s3): ``run_dir`` is then its local copy."""
-
-    def stage_dir(self, name: str) -> str:
-        path = os.path.join(self.run_dir, name)
-        os.makedirs(path, exist_ok=True)
-        return path
-
-    def base_model_dir(self) -> str:
-        if self.model_dir is None:
-            from tailor_trainer import storage
-
-            try:
-                self.model_dir = storage.resolve_model_dir(self.config.model.uri, self.config.model.revision)
-            except storage.StorageError as e:
-                raise ModelInvalid(str(e), field="spec.baseModel.uri") from e
-        return self.model_dir
-
-
-class Stage(Protocol):
-    name: str
-
-    def run(self, ctx: StageContext) -> dict[str, Any]:
-        """Do the stage's work; return the manifest body (the pipeline adds stage/configHash)."""
-        ...
+__all__ = ["STAGES", "STAGE_ORDER", "select", "Stage", "StageContext", "Progress", "StageError", "InvalidSpec",
+           "ModelInvalid", "DataInvalid", "Diverged", "GateFailed", "TrainingFailed"]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import statistics
 import time
 from typing import Any
@@ -25,9 +24,11 @@ from typing import Any
 from tailor_trainer import storage
 from tailor_trainer.batches import IGNORE_INDEX, amp_context, collate, load_rows, token_losses
 from tailor_trainer.config import DataSchema, Metric, TrainerConfig
+from tailor_trainer.contract import RESULT_FILE, STAGE_ORDER
+from tailor_trainer.errors import DataInvalid, GateFailed
 from tailor_trainer.runtime import ensure_ray, use_local_mode
-from tailor_trainer.stages import DataInvalid, GateFailed, StageContext
-from tailor_trainer.stages.train import fit
+from tailor_trainer.stages.base import StageContext
+from tailor_trainer.training import fit
 
 def _normalize(text: str) -> str:
     return " ".join(text.split())
@@ -119,7 +120,7 @@ def evaluate_model(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from tailor_trainer.stages.adapt import load_any, load_base, load_trained
+    from tailor_trainer.adaptation import load_any, load_base, load_trained
 
     cfg = TrainerConfig.model_validate(spec["config"])
     ev, hp = cfg.evaluation, cfg.hyperparameters
@@ -234,7 +235,7 @@ def _uri(cfg: TrainerConfig, *parts: str) -> str:
 
 
 def run_evaluate(ctx: StageContext) -> dict[str, Any]:
-    from tailor_trainer import render
+    from tailor_trainer import hub, render
 
     cfg, ev = ctx.config, ctx.config.evaluation
     started = time.monotonic()
@@ -306,7 +307,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
                     "promotedMetrics": cfg.champion.metrics}
     gates = _gate_results(cfg, metrics)
     total_duration = sum(float((storage.read_json(os.path.join(run_dir, s, "manifest.json")) or {})
-                               .get("durationSeconds") or 0) for s in ("prep", "adapt", "train"))
+                               .get("durationSeconds") or 0) for s in STAGE_ORDER[:-1])
     result = {
         "run": cfg.run.name, "job": cfg.run.job, "attempt": cfg.run.attempt,
         "datasetRevision": cfg.dataset.revision or prep_manifest.get("revision"),
@@ -319,7 +320,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
             "model": _uri(cfg, "train", "model"),
             "mergedModel": _uri(cfg, "train", "merged") if train_manifest.get("mergedModel") else None,
             "report": _uri(cfg, "evaluate", "report.html"),
-            "result": _uri(cfg, "evaluate", "result.json"),
+            "result": _uri(cfg, "evaluate", RESULT_FILE),
         },
         "validationLoss": _clean(train_manifest.get("valLoss")), "bestStep": train_manifest.get("bestStep"),
         "trainableParameters": plan.get("trainableParameters", train_manifest.get("trainableParameters")),
@@ -343,12 +344,15 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     card = render.model_card(cfg, result, plan)
     with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
         f.write(card)
-    for d in ("model", "merged"):
-        if os.path.isdir(os.path.join(run_dir, "train", d)):
-            shutil.copy(os.path.join(out_dir, "README.md"), os.path.join(run_dir, "train", d, "README.md"))
+    # the card into train/model and train/merged; the adapter then names its base as the Hub does
+    hub.write_model_dirs(cfg, os.path.join(run_dir, "train"), card,
+                         render.model_card(cfg, result, plan, merged=True))
+    if ctx.mirror is not None:  # the pipeline uploads only evaluate/ after this stage
+        for d in ("model", "merged"):
+            ctx.mirror.push(f"train/{d}")
     with open(os.path.join(out_dir, "report.html"), "w", encoding="utf-8") as f:
         f.write(render.report_html(cfg, result, samples, plan, png))
-    storage.write_json_atomic(os.path.join(out_dir, "result.json"), result)
+    storage.write_json_atomic(os.path.join(out_dir, RESULT_FILE), result)
     failed = [g for g in gates if not g["passed"]]
     if failed:
         g = failed[0]
@@ -358,7 +362,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
             f"gate failed: {g['metric']} = {value}, required {'>=' if bound == 'min' else '<='} "
             f"{g[bound]:g} ({bound}); report: {result['artifacts']['report']}",
             field=f"spec.evaluation.gates[{gates.index(g)}]")
-    return {"result": "result.json", "report": "report.html", "metrics": result["metrics"],
+    return {"result": RESULT_FILE, "report": "report.html", "metrics": result["metrics"],
             "evaluatedRows": len(rows)}
 
 

@@ -26,7 +26,7 @@ from tailor_trainer.config import ResolvedDataset, TrainerConfig
 from tailor_trainer.data import DataError
 from tailor_trainer.data.engine import PrepOptions, PrepResult, prepare
 from tailor_trainer.data.split import SPLITS
-from tailor_trainer.stages import StageError
+from tailor_trainer.errors import StageError
 
 log = logging.getLogger("tailor_trainer.prep")
 
