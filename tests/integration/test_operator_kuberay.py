@@ -31,7 +31,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def operator(control_plane, tmp_path_factory):
     control_plane.stop_kuberay()  # this module plays KubeRay itself; a real one would fight it
-    op = OperatorProcess(control_plane.kubeconfig, tmp_path_factory.mktemp("operator")).start()
+    # no scheduler here: a validation pod never starts, which the Dataset names after this grace
+    op = OperatorProcess(control_plane.kubeconfig, tmp_path_factory.mktemp("operator"),
+                         env={"TAILOR_VALIDATION_START_GRACE_SECONDS": "8"}).start()
     yield op
     op.stop()
 
@@ -103,6 +105,19 @@ def test_dataset_is_validated_by_a_job_before_it_is_ready(kube: Kube) -> None:
     assert status["rows"] == 500 and status["splits"] == {"train": 400, "validation": 50, "test": 50}
     assert status["dropped"] == {"duplicate": 10, "tooShort": 2}
     assert {"Validating", "Validated"} <= set(kube.event_reasons("tickets"))
+
+
+def test_a_validation_pod_that_never_starts_is_named_then_the_result_still_counts(kube: Kube) -> None:
+    kube.apply(dataset_manifest("stuck"))
+    ready = wait_until(lambda: (c := kube.condition("Dataset", "stuck", "Ready")).get("reason")
+                       == "ValidationNotStarted" and c, 60, what="Ready reason ValidationNotStarted")
+    assert ready["status"] == "Unknown"
+    assert "is Pending and not scheduled to any node" in ready["message"], ready["message"]
+    assert "needs a node and a scheduler" in ready["message"]
+    assert kube.condition("Dataset", "stuck", "Validating")["reason"] == "ValidationNotStarted"
+    assert "ValidationNotStarted" in kube.event_reasons("stuck")
+    kube.publish_validation("stuck", ready_result("sha256:0123456789abcdef"))
+    wait_until(lambda: kube.condition("Dataset", "stuck", "Ready").get("status") == "True", 30, what="Ready")
 
 
 def test_missing_dataset_gets_a_clear_condition_and_no_rayjob(kube: Kube) -> None:

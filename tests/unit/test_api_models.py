@@ -126,3 +126,23 @@ def test_phase_knows_its_properties() -> None:
     assert Phase.succeeded.is_terminal and Phase.failed.is_terminal
     assert not Phase.running.is_terminal and Phase.running.is_active
     assert not Phase.suspended.is_active
+
+
+def _undocumented(node: dict, path: str) -> list[str]:
+    missing = []
+    for name, prop in (node.get("properties") or {}).items():
+        here = f"{path}.{name}"
+        if not prop.get("description"):
+            missing.append(here)
+        missing += _undocumented(prop, here)
+        if "items" in prop:
+            missing += _undocumented(prop["items"], f"{here}[]")
+    return missing
+
+
+def test_every_status_field_has_a_description_for_kubectl_explain() -> None:
+    from tailor_operator.crdgen import build_crds
+
+    for name, crd in build_crds().items():
+        status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        assert _undocumented(status, f"{name}.status") == []

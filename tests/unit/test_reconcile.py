@@ -30,7 +30,7 @@ from tailor_operator.reconcile import (
     reconcile_dataset,
     reconcile_finetunejob,
 )
-from tailor_operator.reconcile.observe import observe_local_run, observe_rayjob, pod_problem
+from tailor_operator.reconcile.observe import observe_inspect, observe_local_run, observe_rayjob, pod_problem
 from tailor_operator.reconcile.plan import (
     ApplyPromotion,
     DeleteRun,
@@ -137,7 +137,9 @@ def _dataset_observed(doc: dict[str, Any]) -> DatasetObserved:
     obs = doc.get("observed") or {}
     v = obs.get("validation")
     validation = None
-    if v is not None:
+    if v is not None and "job" in v:  # the raw Job (and pods), folded like the backend does
+        validation = observe_inspect(v["key"], config_map=v.get("configMap"), job=v["job"], pods=v.get("pods"))
+    elif v is not None:
         validation = ValidationObservation(key=v["key"], exists=v.get("exists", True),
                                            finished=v.get("finished", False), result=v.get("result"),
                                            failure=v.get("failure"),

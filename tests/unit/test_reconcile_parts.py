@@ -359,7 +359,7 @@ def test_local_backend_runs_observes_and_limits_concurrency(tmp_path: Path, fake
             backend.start(other, _start_action(other, "other-r1"))
         _wait(lambda: backend.observe(job)["demo-r1"].state is RunState.succeeded)
         obs = backend.observe(job)["demo-r1"]
-        assert obs.result == {"metrics": {"loss": 1.5}} and obs.number == 1
+        assert obs.result is not None and obs.result.metrics == {"loss": 1.5} and obs.number == 1
         assert backend.free_slots() == 1
         assert backend.observe(_job(uid="someone-else")) == {}  # a same-named job never adopts it
     finally:
@@ -398,7 +398,7 @@ def test_local_backend_failure_stop_and_adoption_after_restart(tmp_path: Path, f
 
 
 def test_fingerprint_and_model_config(tmp_path: Path) -> None:
-    from tailor_operator.backends.local import fingerprint_path, read_model_config
+    from tailor_operator.backends.files import fingerprint_path, read_model_config
 
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
     (tmp_path / "b.jsonl").write_text('{"text": "y"}\n')
@@ -509,3 +509,15 @@ def test_a_crashed_local_trainers_last_line_is_masked() -> None:
                             log_tail=f"Traceback ...\n{line}\n")
     assert obs.reason == "TrainerExited" and "ClientError" in obs.message
     assert "abc123def" not in obs.message and "AKIAABCDEFGHIJKLMNOP" not in obs.message, obs.message
+
+
+def test_a_validation_job_without_a_running_pod_says_what_is_there() -> None:
+    from tailor_operator.reconcile.observe import observe_inspect
+
+    job = {"metadata": {"name": "ds-v1", "creationTimestamp": "2026-03-02T09:57:00Z"}, "status": {}}
+    none = observe_inspect("ds-v1", config_map=None, job=job, pods=[])
+    assert none.not_started == "its Job has created no pod" and none.created_at is not None
+    bound = {"metadata": {"name": "ds-v1-a"}, "spec": {"nodeName": "n1"}, "status": {"phase": "Pending"}}
+    assert "Pending on node n1" in observe_inspect("ds-v1", config_map=None, job=job, pods=[bound]).not_started
+    running = {"metadata": {"name": "ds-v1-b"}, "status": {"phase": "Running"}}
+    assert observe_inspect("ds-v1", config_map=None, job=job, pods=[bound, running]).not_started is None

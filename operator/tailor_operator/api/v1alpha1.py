@@ -100,8 +100,10 @@ class DatasetSpec(DataSpec):
     """A versioned dataset: where it lives, its layout, cleaning and split."""
 
     revision: Optional[ShortStr] = None
-    """Pin the revision (any string, e.g. a date or commit). When unset, the operator uses a
-    content fingerprint (ETag/LastModified for object stores, a content hash otherwise)."""
+    """Pin the revision (any string, e.g. a date or commit). When unset, the revision is a hash of
+    the files' content when the operator can read the source itself (a local path or file://
+    under the allowed roots), else the fingerprint of the rows the validation kept (other
+    sources: pvc://, s3://, http(s)://, hf://, a ConfigMap), re-read every refreshInterval."""
     refresh_interval: Optional[Duration] = None
     """How often to re-check the source for a new revision, e.g. 1h. Never by default."""
 
@@ -125,8 +127,11 @@ class SplitCounts(CamelModel):
     """Rows in each split after cleaning."""
 
     train: int = 0
+    """Rows in the train split."""
     validation: int = 0
+    """Rows in the validation split (validation loss, early stopping)."""
     test: int = 0
+    """Rows in the test split (held-out evaluation; validation is used when it is empty)."""
 
 
 class DatasetStatus(CamelModel):
@@ -435,28 +440,45 @@ class Progress(CamelModel):
     percent: Optional[int] = Field(None, ge=0, le=100)
     """Percent of training steps done."""
     step: Optional[int] = None
+    """Optimizer steps done."""
     total_steps: Optional[int] = None
+    """Optimizer steps the run will take (maxSteps, else epochs x steps per epoch)."""
     epoch: Optional[float] = None
+    """Epochs done (fractional)."""
     loss: Optional[float] = None
     """Latest training loss."""
     tokens_per_second: Optional[float] = None
+    """Training throughput since the stage started, over all workers."""
     eta_seconds: Optional[int] = None
+    """Estimated seconds until training ends, from the pace so far."""
 
 
 class EvalMetrics(CamelModel):
     """Held-out metrics of the fine-tuned model (and the base model, for comparison)."""
 
     loss: Optional[float] = None
+    """Mean cross-entropy per label token on the held-out rows (test split, else validation)."""
     perplexity: Optional[float] = None
+    """exp(loss)."""
     accuracy: Optional[float] = None
+    """Fraction of label tokens whose most likely next token is the label."""
     exact_match: Optional[float] = None
+    """Fraction of held-out prompts whose greedy generation equals the reference (whitespace
+    collapsed); only for data with prompts and references."""
     base_loss: Optional[float] = None
+    """loss of the base model on the same rows (evaluation.compareToBase)."""
     base_perplexity: Optional[float] = None
+    """perplexity of the base model on the same rows."""
     base_accuracy: Optional[float] = None
+    """accuracy of the base model on the same rows."""
     base_exact_match: Optional[float] = None
+    """exactMatch of the base model on the same rows."""
     train_loss: Optional[float] = None
+    """Training loss of the last step."""
     cv_loss_mean: Optional[float] = None
+    """Mean held-out loss over the cross-validation folds (evaluation.crossValidation)."""
     cv_loss_std: Optional[float] = None
+    """Population standard deviation of the folds' held-out losses."""
 
 
 class Artifacts(CamelModel):
@@ -465,6 +487,7 @@ class Artifacts(CamelModel):
     model: Optional[str] = None
     """Adapter (or full model) directory."""
     merged_model: Optional[str] = None
+    """Base model with the adapter merged in (output.mergedModel; not for prefix tuning)."""
     report: Optional[str] = None
     """HTML report."""
     result: Optional[str] = None
@@ -475,22 +498,34 @@ class ChampionStatus(CamelModel):
     """The model currently promoted."""
 
     run: str
+    """The run whose model is the champion."""
     dataset_revision: Optional[str] = None
+    """Dataset revision it was trained on."""
     model: Optional[str] = None
+    """Its model directory (what a promotion target points to)."""
     metrics: dict[str, float] = Field(default_factory=dict)
+    """Its held-out metrics when it was promoted (later candidates re-score it on their rows)."""
     promoted_at: Optional[datetime] = None
+    """When it was promoted."""
 
 
 class HistoryEntry(CamelModel):
     """One finished run."""
 
     run: str
+    """Run name, `<job>-r<N>`."""
     phase: Phase
+    """Succeeded or Failed."""
     dataset_revision: Optional[str] = None
+    """Dataset revision the run trained on."""
     metrics: dict[str, float] = Field(default_factory=dict)
+    """Its held-out metrics (empty when it failed before evaluation)."""
     promoted: bool = False
+    """Whether it became the champion."""
     reason: Optional[str] = None
+    """Why it was or was not promoted (Improved, NotBetter, ...), or why it failed."""
     completion_time: Optional[datetime] = None
+    """When it finished."""
 
 
 class JobError(CamelModel):
@@ -499,6 +534,7 @@ class JobError(CamelModel):
     reason: ShortStr
     """CamelCase reason, e.g. DatasetNotFound, Diverged, DeadlineExceeded, GateFailed."""
     message: Text
+    """What happened and what to change, in words."""
     field: Optional[ShortStr] = None
     """Spec field at fault, when one is."""
 
@@ -507,27 +543,41 @@ class FineTuneJobStatus(CamelModel):
     """Observed state. Written by the operator only."""
 
     phase: Phase = Phase.pending
+    """Pending, Validating, Queued, Running, Evaluating, Succeeded, Failed or Suspended."""
     stage: Optional[Literal["prep", "adapt", "train", "evaluate"]] = None
+    """Pipeline stage the current run is in (or finished in)."""
     conditions: list[Condition] = Field(default_factory=list)
+    """DataValidated, ModelChecked, Running, Retrying, Evaluated, Promoted, Failed, Suspended."""
     progress: Optional[Progress] = None
+    """Training progress of the current run."""
     metrics: Optional[EvalMetrics] = None
+    """Held-out metrics of the last evaluated run."""
     current_run: Optional[str] = None
+    """Name of the current (or last) run, `<job>-r<N>`; its RayJob or work directory has this name."""
     run_count: int = 0
     """Runs started so far (the N of the next `<job>-r<N>` is runCount + 1)."""
     attempts: int = 0
     """Attempts of the current run (1 + retries)."""
     dataset_revision: Optional[str] = None
+    """Dataset revision the current run trains on."""
     dataset_fingerprint: Optional[str] = None
     """Content fingerprint of the rows the current run is pinned to (the Dataset's
     status.contentFingerprint when the run started). Every attempt's prep checks what it reads
     against it and fails with DatasetChanged rather than train on other rows."""
     artifacts: Optional[Artifacts] = None
+    """Where the last evaluated run's outputs are."""
     champion: Optional[ChampionStatus] = None
+    """The promoted model (continuous learning: only a better candidate replaces it)."""
     history: list[HistoryEntry] = Field(default_factory=list, max_length=100)
+    """Finished runs, oldest first (continuousLearning.historyLimit entries)."""
     start_time: Optional[datetime] = None
+    """When the current run started."""
     completion_time: Optional[datetime] = None
+    """When the current run finished."""
     observed_generation: Optional[int] = None
+    """metadata.generation last acted on."""
     error: Optional[JobError] = None
+    """Why the job failed or is blocked (also while an attempt waits to be retried)."""
 
 
 class FineTuneJob(CamelModel):

@@ -7,11 +7,9 @@ while it starts or fails; a lost Ray head while it runs).
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 from tailor_operator.api.v1alpha1 import Dataset, FineTuneJob
-from tailor_operator.builders.configmaps import PROGRESS_KEY
 from tailor_operator.builders.inspect_job import RESULT_KEY
 from tailor_operator.builders.labels import LABEL_DATASET, LABEL_JOB, LABEL_NAME, LABEL_RUN
 from tailor_operator.builders.naming import config_map_name, progress_config_map_name
@@ -23,6 +21,7 @@ from tailor_operator.reconcile.observe import (
     observe_rayjob,
 )
 from tailor_operator.reconcile.plan import StartPreflight, StartRun, StartValidation
+from tailor_trainer.contract import PROGRESS_FILE, ProgressDoc
 
 # Deployment states in which the trainer may have written a progress document.
 _TRAINER_STARTED = {"Running", "Complete", "Failed", "ValidationFailed"}
@@ -33,15 +32,10 @@ def _owned_by(obj: dict[str, Any], uid: Optional[str]) -> bool:
     return not uid or any(r.get("uid") == uid for r in refs)
 
 
-def parse_progress(config_map: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    raw = ((config_map or {}).get("data") or {}).get(PROGRESS_KEY)
-    if not raw:
-        return None
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError:
-        return None
-    return doc if isinstance(doc, dict) else None
+def parse_progress(config_map: Optional[dict[str, Any]]) -> Optional[ProgressDoc]:
+    """The progress document the trainer wrote into its ConfigMap, or None."""
+    raw = ((config_map or {}).get("data") or {}).get(PROGRESS_FILE)
+    return ProgressDoc.read(raw) if raw else None
 
 
 class KubeRayBackend:

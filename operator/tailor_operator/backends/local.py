@@ -6,14 +6,10 @@ file sink (`<workdir>/progress.json`), so the operator never imports the pipelin
 
 from __future__ import annotations
 
-import glob as _glob
-import hashlib
 import json
-import logging
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -27,19 +23,18 @@ from tailor_operator.builders.inspect_job import render_dataset
 from tailor_operator.reconcile.observe import RunObservation, ValidationObservation, observe_local_run
 from tailor_operator.reconcile.plan import StartRun, StartValidation
 from tailor_trainer.config import TrainerConfig
+from tailor_trainer.contract import PROGRESS_FILE, ProgressDoc
 
-logger = logging.getLogger("tailor.local")
 
 CONFIG_FILE = "config.json"
-PROGRESS_FILE = "progress.json"
 LOG_FILE = "trainer.log"
 
 
-def read_progress(path: Path) -> Optional[dict[str, Any]]:
+def read_progress(path: Path) -> Optional[ProgressDoc]:
     """The latest progress document, or None if not written yet (written atomically)."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return ProgressDoc.read(path.read_text())
+    except OSError:
         return None
 
 
@@ -68,7 +63,7 @@ class LocalRun:
             self._log = None
         return code
 
-    def progress(self) -> Optional[dict[str, Any]]:
+    def progress(self) -> Optional[ProgressDoc]:
         return read_progress(self.progress_path)
 
     def terminate(self, grace_seconds: float = 10.0) -> None:
@@ -356,62 +351,3 @@ class LocalValidation:
                 if child.poll() is None:
                     child.kill()
         shutil.rmtree(base, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------- what the operator reads
-
-
-def local_path(uri: Optional[str]) -> Optional[Path]:
-    """A path the operator can read itself (plain path or file://), else None."""
-    if not uri or "://" in uri and not uri.startswith("file://"):
-        return None
-    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
-
-
-FINGERPRINT_SECONDS = 60.0
-"""Time budget of one fingerprint: past it the operator gives up (None) rather than tie up a
-reconcile worker (the validation still reads the data and pins its revision)."""
-
-
-def fingerprint_path(uri: Optional[str], budget_seconds: float = FINGERPRINT_SECONDS) -> Optional[str]:
-    """`sha256:<16 hex>` over the content of every regular file the URI (or glob) names; None if
-    unreadable or over the time budget. Reads at most the size `stat` reports for each file, so a
-    file that streams without end (/proc, a FIFO, a device) cannot hold the operator."""
-    path = local_path(uri)
-    if path is None:
-        return None
-    files = sorted(Path(p) for p in _glob.glob(str(path))) if any(c in str(path) for c in "*?[") else [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-    deadline = time.monotonic() + budget_seconds
-    digest = hashlib.sha256()
-    found = False
-    for f in files:
-        try:
-            info = f.stat()
-            if not stat.S_ISREG(info.st_mode):
-                continue
-            found = True
-            digest.update(f.name.encode() + b"\0")
-            left = info.st_size
-            with f.open("rb") as handle:
-                while left > 0:
-                    block = handle.read(min(left, 1 << 20))
-                    if not block:
-                        break
-                    digest.update(block)
-                    left -= len(block)
-                    if time.monotonic() > deadline:
-                        logger.warning("fingerprint of %s took longer than %.0fs; skipped", uri, budget_seconds)
-                        return None
-        except OSError:
-            return None
-    return f"sha256:{digest.hexdigest()[:16]}" if found else None
-
-
-def read_model_config(uri: Optional[str]) -> Optional[dict[str, Any]]:
-    """The base model's config.json when it is a local directory (for the target-module check)."""
-    path = local_path(uri)
-    if path is None:
-        return None
-    return _read_json(path / "config.json")

@@ -9,9 +9,9 @@ from tailor_operator.api.v1alpha1 import FineTuneJob
 from tailor_operator.builders.labels import ANNOTATION_ATTEMPT, object_meta, run_labels
 from tailor_operator.builders.naming import config_map_name, progress_config_map_name
 from tailor_trainer.config import TrainerConfig
+from tailor_trainer.contract import PROGRESS_FILE
 
 CONFIG_KEY = "config.json"
-PROGRESS_KEY = "progress.json"
 
 
 def render_config(config: TrainerConfig) -> str:

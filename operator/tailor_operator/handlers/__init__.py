@@ -15,7 +15,8 @@ import kopf
 from tailor_operator.api.v1alpha1 import GROUP, VERSION
 from tailor_operator.builders.labels import LABEL_DATASET, LABEL_JOB, MANAGED_BY, MANAGER
 from tailor_operator.handlers.context import Context
-from tailor_operator.handlers.finetunejob import cleanup_job
+from tailor_operator.handlers.dataset import sync_dataset
+from tailor_operator.handlers.finetunejob import cleanup_job, sync_job
 
 CHILDREN = [("ray.io", "v1", "rayjobs"), ("", "v1", "configmaps"), ("", "v1", "pods"), ("batch", "v1", "jobs")]
 
@@ -26,6 +27,7 @@ def _meta(body: Any) -> tuple[str, str, str, dict[str, str]]:
 
 
 def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
+    ctx.syncers.update({"FineTuneJob": sync_job, "Dataset": sync_dataset})
     managed = {MANAGED_BY: MANAGER}
 
     @kopf.on.event(GROUP, VERSION, "finetunejobs", registry=registry)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tailor_operator.api.v1alpha1 import Backend
+from tailor_operator.backends import RunBackend, ValidationBackend
 from tailor_operator.backends.kuberay import KubeRayBackend, KubeRayValidation
 from tailor_operator.backends.local import LocalBackend, LocalValidation
 from tailor_operator.builders.trainer_access import access_failure_message, build_trainer_access
@@ -205,8 +206,11 @@ class Context:
     instance: str = "tailor-operator"
     kuberay: KubeRayBackend = field(init=False)
     local: LocalBackend = field(init=False)
-    validations: dict[Backend, Any] = field(init=False)
+    runs: dict[Backend, RunBackend] = field(init=False)
+    validations: dict[Backend, ValidationBackend] = field(init=False)
     queue: WorkQueue = field(init=False)
+    syncers: dict[str, Callable[["Context", str, str], Optional[float]]] = field(default_factory=dict)
+    """Reconcile function per kind ("FineTuneJob", "Dataset"), installed by handlers.register."""
     bodies: dict[Key, dict[str, Any]] = field(default_factory=dict)
     """Latest body seen in a watch event, used (once) instead of a GET."""
     datasets: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
@@ -221,20 +225,24 @@ class Context:
     def __post_init__(self) -> None:
         self.kuberay = KubeRayBackend(self.cluster)
         self.local = LocalBackend(self.workdir, self.settings.local_max_concurrent)
+        self.runs = {Backend.kuberay: self.kuberay, Backend.local: self.local}
         self.validations = {Backend.kuberay: KubeRayValidation(self.cluster),
                             Backend.local: LocalValidation(self.workdir)}
         self.queue = WorkQueue(self._process, self.workers, on_depth=self.metrics.queue_depth.set)
 
-    def _process(self, key: Key) -> Optional[float]:
-        from tailor_operator.handlers.dataset import sync_dataset
-        from tailor_operator.handlers.finetunejob import sync_job
+    def runs_for(self, backend: Backend) -> RunBackend:
+        """Where a FineTuneJob with this `spec.backend` runs."""
+        return self.runs[backend]
 
+    def validation_for(self, backend: Backend) -> ValidationBackend:
+        """Where a Dataset validation on this backend runs."""
+        return self.validations[backend]
+
+    def _process(self, key: Key) -> Optional[float]:
         kind, namespace, name = key
         started = time.perf_counter()
         try:
-            if kind == "FineTuneJob":
-                return sync_job(self, namespace, name)
-            return sync_dataset(self, namespace, name)
+            return self.syncers[kind](self, namespace, name)
         except Exception:
             self.metrics.reconcile_errors.labels(kind).inc()
             raise

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from pydantic import ValidationError
 
 from tailor_operator.api.v1alpha1 import Dataset, DatasetStatus
-from tailor_operator.backends.local import fingerprint_path
+from tailor_operator.backends.files import fingerprint_path
 from tailor_operator.builders.events import build_event
 from tailor_operator.cluster import ApiError, Conflict
 from tailor_operator.handlers.context import Context, access_created_event, utcnow
@@ -85,7 +85,7 @@ def observe_dataset(ctx: Context, dataset: Dataset, now: Any) -> DatasetObserved
         fingerprint = "sha256:" + hashlib.sha256((inline or "").encode()).hexdigest()[:16]
     elif dataset.spec.revision is None:
         fingerprint = _cached_fingerprint(ctx, dataset)
-    backend = ctx.validations[dataset_backend(dataset, ctx.settings)]
+    backend = ctx.validation_for(dataset_backend(dataset, ctx.settings))
     key = validation_key(dataset, fingerprint, now)
     validation, others = backend.observe(dataset, key)
     return DatasetObserved(fingerprint=fingerprint, validation=validation, other_validations=others,
@@ -109,7 +109,7 @@ def _cached_fingerprint(ctx: Context, dataset: Dataset) -> Optional[str]:
 
 
 def _apply(ctx: Context, dataset: Dataset, body: dict[str, Any], plan: DatasetPlan) -> None:
-    backend = ctx.validations[dataset_backend(dataset, ctx.settings)]
+    backend = ctx.validation_for(dataset_backend(dataset, ctx.settings))
     events = list(plan.events)
     for action in plan.actions:
         try:

@@ -18,7 +18,8 @@ from pydantic import ValidationError
 
 from tailor_operator.api.v1alpha1 import Backend, Dataset, FineTuneJob, FineTuneJobStatus
 from tailor_operator.backends.kuberay import KubeRayPreflight
-from tailor_operator.backends.local import NoCapacity, read_model_config
+from tailor_operator.backends.files import read_model_config
+from tailor_operator.backends.local import NoCapacity
 from tailor_operator.builders.events import build_event
 from tailor_operator.builders.naming import run_name
 from tailor_operator.builders.preflight_job import preflight_key
@@ -99,7 +100,7 @@ def observe_job(ctx: Context, job: FineTuneJob) -> JobObserved:
             dataset = Dataset.model_validate(ds_body)
         except ValidationError:
             logger.warning("Dataset %s/%s does not parse", ns, job.spec.dataset_ref.name)
-    backend = ctx.kuberay if job.spec.backend is Backend.kuberay else ctx.local
+    backend = ctx.runs_for(job.spec.backend)
     idle = status.current_run is None or status.completion_time is not None
     runs = backend.observe(job, status.current_run, run_name(job.metadata.name, status.run_count + 1),
                            everything=idle and job.spec.ttl_seconds_after_finished is not None)
@@ -176,7 +177,7 @@ def _write_status(ctx: Context, job: FineTuneJob, body: dict[str, Any],
 
 def _apply(ctx: Context, job: FineTuneJob, body: dict[str, Any], plan: JobPlan, observed: JobObserved) -> None:
     backend_name = job.spec.backend.value
-    backend = ctx.kuberay if job.spec.backend is Backend.kuberay else ctx.local
+    backend = ctx.runs_for(job.spec.backend)
     events = list(plan.events)
     for action in plan.actions:
         try:
@@ -241,8 +242,8 @@ def _count(ctx: Context, job: FineTuneJob, plan: JobPlan, observed: JobObserved,
         if duration is not None:
             m.run_duration.labels(backend, "succeeded").observe(duration)
         run = observed.runs.get(st.current_run or "")
-        tokens = ((run.result if run else None) or {}).get("tokensTrained")
-        if isinstance(tokens, (int, float)):
+        tokens = run.result.tokens_trained if run is not None and run.result is not None else None
+        if tokens is not None:
             m.tokens.labels(backend).inc(tokens)
         if st.metrics is not None:
             m.eval_metrics(job.metadata.namespace or "", job.metadata.name,

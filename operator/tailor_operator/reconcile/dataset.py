@@ -28,7 +28,7 @@ from tailor_operator.builders.labels import ANNOTATION_BACKEND
 from tailor_operator.builders.naming import validation_name
 from tailor_operator.builders.trainer_access import ACCESS_FAILED
 from tailor_operator.reconcile.conditions import FALSE, TRUE, UNKNOWN, get_condition, set_condition
-from tailor_operator.reconcile.observe import ValidationObservation
+from tailor_operator.reconcile.observe import PodProblem, ValidationObservation
 from tailor_operator.reconcile.plan import DatasetPlan, DeleteValidation, Event, StartValidation, sooner
 from tailor_operator.reconcile.policy import check_dataset_policy
 from tailor_operator.reconcile.settings import OperatorSettings
@@ -128,6 +128,12 @@ def reconcile_dataset(dataset: Dataset, observed: DatasetObserved, settings: Ope
             plan.events.append(Event("Normal", "Validating", f"validating {what} ({key})"))
         message = f"validation {key} is running" + (f" for revision {revision}" if revision else "")
         problem = v.problem if v is not None else None
+        if problem is None and v is not None and v.not_started and v.created_at is not None \
+                and (now - v.created_at).total_seconds() >= settings.validation_start_grace_seconds:
+            waited = int((now - v.created_at).total_seconds())
+            problem = PodProblem("ValidationNotStarted", f"no pod has started after {waited}s: {v.not_started}. "
+                                 "The kuberay dataset backend runs the validation as a pod: it needs a "
+                                 "node and a scheduler (a control plane without nodes never starts it)", key)
         if problem is not None:
             # its pod waits for something only the user can fix: say what, keep waiting (the kubelet
             # retries, so creating the Secret is enough), and never leave a bare "Validating"
@@ -142,8 +148,8 @@ def reconcile_dataset(dataset: Dataset, observed: DatasetObserved, settings: Ope
         ready = get_condition(st.conditions, "Ready")
         if problem is not None and problem.reason == "CredentialsError" and (ready is None or ready.status is not TRUE):
             st.conditions = set_condition(st.conditions, "Ready", FALSE, reason, message, now, generation)
-        elif ready is None or ready.reason in (ACCESS_FAILED, "CredentialsError"):
-            st.conditions = set_condition(st.conditions, "Ready", UNKNOWN, "Validating", message, now, generation)
+        elif ready is None or ready.status is UNKNOWN or ready.reason in (ACCESS_FAILED, "CredentialsError"):
+            st.conditions = set_condition(st.conditions, "Ready", UNKNOWN, reason, message, now, generation)
         plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
         return _stamp(old, plan, now)
 

@@ -62,10 +62,11 @@ from tailor_operator.reconcile.plan import (
     sooner,
 )
 from tailor_operator.reconcile.policy import check_job_policy
-from tailor_operator.reconcile.promotion import decide, metric_values
+from tailor_operator.reconcile.promotion import decide
 from tailor_operator.reconcile.semantic import check_target_modules
 from tailor_operator.reconcile.settings import OperatorSettings
 from tailor_trainer.config import ChampionRef
+from tailor_trainer.contract import RESULT_FILE, STAGE_ORDER, ProgressDoc
 
 # A retry cannot fix these: the same config fails the same way.
 NON_RETRYABLE = frozenset({"InvalidSpec", "DataInvalid", "GateFailed", "Diverged", "DeadlineExceeded",
@@ -76,7 +77,6 @@ NON_RETRYABLE = frozenset({"InvalidSpec", "DataInvalid", "GateFailed", "Diverged
 WAITING_PROBLEMS = frozenset({"Unschedulable", "ImagePullBackOff", "CreateContainerConfigError", "CredentialsError",
                               "CrashLoopBackOff", "OOMKilled", "ReplicaFailure"})
 DEFAULT_HISTORY = 10
-_STAGES = ("prep", "adapt", "train", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -333,7 +333,7 @@ def _stalled(spec: FineTuneJobSpec, st: FineTuneJobStatus, obs: RunObservation, 
     one, the Running condition) has not changed for progressDeadlineSeconds; else None."""
     limit = spec.progress_deadline_seconds
     running = get_condition(st.conditions, "Running")
-    since = [t for t in (parse_time((obs.progress or {}).get("updatedAt")),
+    since = [t for t in (parse_time(obs.progress.updated_at if obs.progress else None),
                          running.last_transition_time if running is not None and running.status is TRUE else None)
              if t is not None]
     if not since:
@@ -341,10 +341,10 @@ def _stalled(spec: FineTuneJobSpec, st: FineTuneJobStatus, obs: RunObservation, 
     quiet = (now - max(since)).total_seconds()
     if quiet < limit:
         return None
-    doc = obs.progress or {}
-    last = f"stage {doc.get('stage') or 'none yet'}"
-    if isinstance(doc.get("step"), int):
-        last += f", step {doc['step']}" + (f"/{doc['totalSteps']}" if isinstance(doc.get("totalSteps"), int) else "")
+    doc = obs.progress or ProgressDoc()
+    last = f"stage {doc.stage or 'none yet'}"
+    if doc.step is not None:
+        last += f", step {doc.step}" + (f"/{doc.total_steps}" if doc.total_steps is not None else "")
     return (f"run {st.current_run} attempt {max(st.attempts, 1)} reported no progress for {int(quiet)}s "
             f"(progressDeadlineSeconds={limit}); last: {last}")
 
@@ -584,19 +584,18 @@ def _policy_refused(job: FineTuneJob, st: FineTuneJobStatus, settings: OperatorS
     return True
 
 
-def _fold_progress(st: FineTuneJobStatus, doc: Optional[dict[str, Any]]) -> None:
-    if not doc:
+def _fold_progress(st: FineTuneJobStatus, doc: Optional[ProgressDoc]) -> None:
+    if doc is None:
         return
-    stage = doc.get("stage")
-    if stage in _STAGES:
-        st.stage = stage
-    step, total = doc.get("step"), doc.get("totalSteps")
+    if doc.known_stage:
+        st.stage = doc.known_stage
+    step, total = doc.step, doc.total_steps
     previous = st.progress or Progress()
-    if not isinstance(total, int) and previous.total_steps:
+    if total is None and previous.total_steps:
         # the evaluate stage reports no training steps: keep the last known ones
         step, total = previous.step, previous.total_steps
     percent = None
-    if isinstance(step, int) and isinstance(total, int) and total > 0:
+    if step is not None and total is not None and total > 0:
         percent = max(0, min(100, int(step * 100 / total)))
     if percent is not None and st.stage in ("train", "evaluate"):
         summary = f"{percent}% {step}/{total}"
@@ -607,17 +606,13 @@ def _fold_progress(st: FineTuneJobStatus, doc: Optional[dict[str, Any]]) -> None
     st.progress = Progress(
         summary=summary,
         percent=percent,
-        step=step if isinstance(step, int) else None,
-        total_steps=total if isinstance(total, int) else None,
-        epoch=_num(doc.get("epoch")),
-        loss=_num(doc.get("loss")),
-        tokens_per_second=_num(doc.get("tokensPerSecond")),
-        eta_seconds=int(doc["etaSeconds"]) if isinstance(doc.get("etaSeconds"), (int, float)) else None,
+        step=step,
+        total_steps=total,
+        epoch=doc.epoch,
+        loss=doc.loss,
+        tokens_per_second=doc.tokens_per_second,
+        eta_seconds=int(doc.eta_seconds) if doc.eta_seconds is not None else None,
     )
-
-
-def _num(value: Any) -> Optional[float]:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 _METRIC_KEYS = {f.alias or name for name, f in EvalMetrics.model_fields.items()}
@@ -627,14 +622,14 @@ _ARTIFACT_KEYS = {f.alias or name for name, f in Artifacts.model_fields.items()}
 def _finish(job: FineTuneJob, st: FineTuneJobStatus, obs: Optional[RunObservation], settings: OperatorSettings,
             now: datetime, plan: JobPlan, *, succeeded: bool, reason: str, message: str) -> None:
     run = st.current_run or ""
-    result = (obs.result if obs is not None else None) or {}
-    metrics = metric_values(result.get("metrics") or {})
+    result = obs.result if obs is not None else None
+    metrics = dict(result.metrics) if result is not None else {}
     st.completion_time = now
-    if result:
+    if result is not None:
         shown = {k: v for k, v in metrics.items() if k in _METRIC_KEYS}
         st.metrics = EvalMetrics.model_validate(shown) if shown else st.metrics
-        artifacts = {k: v for k, v in (result.get("artifacts") or {}).items() if k in _ARTIFACT_KEYS and v}
-        artifacts.setdefault("result", f"{run_output_uri(job, run)}/evaluate/result.json")
+        artifacts = {k: v for k, v in result.artifacts.items() if k in _ARTIFACT_KEYS and v}
+        artifacts.setdefault("result", f"{run_output_uri(job, run)}/evaluate/{RESULT_FILE}")
         st.artifacts = Artifacts.model_validate(artifacts)
     cl = job.spec.continuous_learning
     entry = HistoryEntry(run=run, phase=Phase.succeeded if succeeded else Phase.failed,
@@ -646,14 +641,15 @@ def _finish(job: FineTuneJob, st: FineTuneJobStatus, obs: Optional[RunObservatio
             st.progress = st.progress.model_copy(update={
                 "percent": 100, "step": st.progress.total_steps, "eta_seconds": 0,
                 "summary": f"100% {st.progress.total_steps}/{st.progress.total_steps}"})
-        st.stage = "evaluate" if result else st.stage
+        st.stage = STAGE_ORDER[-1] if result is not None else st.stage
         st.conditions = set_condition(st.conditions, "Running", FALSE, "Succeeded", f"run {run} succeeded", now)
         st.conditions = set_condition(st.conditions, "Failed", FALSE, "Succeeded", "", now)
         st.conditions = set_condition(st.conditions, "Evaluated", TRUE if metrics else FALSE,
                                       "Evaluated" if metrics else "NoMetrics", _metrics_line(metrics), now)
         plan.events.append(Event("Normal", "RunSucceeded", f"run {run} succeeded: {_metrics_line(metrics)}"))
         policy = cl.promotion if cl is not None else Promotion()
-        decision = decide(policy, metrics, st.champion, (result.get("champion") or {}).get("metrics"))
+        champion_metrics = result.champion.metrics if result is not None and result.champion else None
+        decision = decide(policy, metrics, st.champion, champion_metrics or None)
         entry.promoted = decision.promote
         entry.reason = decision.reason
         if decision.promote:
@@ -669,7 +665,7 @@ def _finish(job: FineTuneJob, st: FineTuneJobStatus, obs: Optional[RunObservatio
                                           f"run {run} not promoted ({decision.message}); {keep}", now)
             plan.events.append(Event("Normal", "NotPromoted", f"run {run} not promoted: {decision.message}"))
     else:
-        field_name = (obs.error or {}).get("field") if obs is not None else None
+        field_name = obs.error.field if obs is not None and obs.error is not None else None
         attempts = max(st.attempts, 1)
         st.phase = Phase.failed
         st.error = JobError(reason=reason[:253], message=f"after {attempts} attempt(s): {message}"[:4096],

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from tailor_operator.api.v1alpha1 import Phase
 from tailor_operator.builders.labels import ANNOTATION_ATTEMPT, ANNOTATION_REVISION, ANNOTATION_RUN_NUMBER
+from tailor_trainer.contract import ProgressDoc, RunError, RunResult
 from tailor_trainer.redact import redact
 
 
@@ -68,10 +69,10 @@ class RunObservation:
     terminating: bool = False
     reason: str = ""
     message: str = ""
-    progress: Optional[dict[str, Any]] = None
+    progress: Optional[ProgressDoc] = None
     """The trainer's progress document for this attempt (stale attempts are dropped)."""
-    result: Optional[dict[str, Any]] = None
-    error: Optional[dict[str, Any]] = None
+    result: Optional[RunResult] = None
+    error: Optional[RunError] = None
     dataset_revision: Optional[str] = None
     created_at: Optional[datetime] = None
     problem_since: Optional[datetime] = None
@@ -95,6 +96,10 @@ class ValidationObservation:
     """Why the validation itself broke (no result): job failed, process crashed."""
     problem: Optional[PodProblem] = None
     """Why a running validation cannot make progress (its pod waits for a missing Secret)."""
+    created_at: Optional[datetime] = None
+    """When its Job was created (kuberay dataset backend)."""
+    not_started: Optional[str] = None
+    """While no pod of its Job runs yet: what there is instead (no pod, a pod not scheduled)."""
 
 
 # Pod problems, worst first: the first found decides the reason shown.
@@ -175,14 +180,19 @@ def parse_time(value: Any) -> Optional[datetime]:
         return None
 
 
-def progress_for_attempt(doc: Optional[dict[str, Any]], attempt: int) -> Optional[dict[str, Any]]:
-    """Drop a progress document left over from an earlier attempt of the same run."""
+def progress_for_attempt(doc: Any, attempt: int) -> Optional[ProgressDoc]:
+    """The progress document as read (a dict or JSON text), unless it is left over from an
+    earlier attempt of the same run."""
+    if isinstance(doc, (str, bytes)):
+        doc = ProgressDoc.read(doc)
+    if isinstance(doc, ProgressDoc):
+        doc = doc.to_json_dict()
     if not isinstance(doc, dict):
         return None
     doc_attempt = doc.get("attempt")
     if doc_attempt is not None and _int(doc_attempt, attempt) != attempt:
         return None
-    return doc
+    return ProgressDoc.read(doc)
 
 
 def observe_rayjob(rayjob: dict[str, Any], progress: Optional[dict[str, Any]] = None,
@@ -210,8 +220,8 @@ def observe_rayjob(rayjob: dict[str, Any], progress: Optional[dict[str, Any]] = 
         dataset_revision=annotations.get(ANNOTATION_REVISION),
         created_at=parse_time(meta.get("creationTimestamp")),
     )
-    trainer_error = (doc or {}).get("error") or None
-    result = (doc or {}).get("result") or None
+    trainer_error = doc.error if doc is not None else None
+    result = doc.result if doc is not None else None
 
     if deployment == "Complete" and job_status == "SUCCEEDED":
         # KubeRay's SUCCEEDED means the entrypoint exited 0 (or a submitter's log tail did): only
@@ -256,22 +266,22 @@ def observe_rayjob(rayjob: dict[str, Any], progress: Optional[dict[str, Any]] = 
                           message=status.get("message") or "waiting for the RayCluster to start")
 
 
-def _succeeded_untrue(doc: Optional[dict[str, Any]], attempt: int,
+def _succeeded_untrue(doc: Optional[ProgressDoc], attempt: int,
                       said: str = "KubeRay reports the Ray job SUCCEEDED, but") -> Optional[tuple[str, str]]:
     """(reason, message) when the runner says success but the trainer's document does not; else None."""
     if doc is None:
         return ("TrainerIncomplete", f"{said} the trainer left no progress document for attempt {attempt}: the "
                 "entrypoint exited 0 without running the pipeline to its end; the attempt counts as failed")
-    error = doc.get("error") or {}
-    if doc.get("state") == "Failed" or error.get("reason"):
-        reason = str(error.get("reason") or "TrainerFailed")
-        return reason, str(error.get("message") or f"{said} the trainer reported {reason}")
-    if doc.get("state") != "Succeeded" or not doc.get("result"):
-        where = f"stage {doc.get('stage') or '-'}"
-        if doc.get("step") is not None:
-            where += f" step {doc.get('step')}/{doc.get('totalSteps') or '?'}"
+    error = doc.error or RunError()
+    if doc.failed:
+        reason = str(error.reason or "TrainerFailed")
+        return reason, str(error.message or f"{said} the trainer reported {reason}")
+    if not doc.finished_ok:
+        where = f"stage {doc.stage or '-'}"
+        if doc.step is not None:
+            where += f" step {doc.step}/{doc.total_steps or '?'}"
         return ("TrainerIncomplete", f"{said} the trainer's last progress (attempt {attempt}) is state "
-                f"{doc.get('state') or '-'} at {where} with no result: the pipeline did not finish "
+                f"{doc.state or '-'} at {where} with no result: the pipeline did not finish "
                 "evaluate; the attempt counts as failed and is retried from its checkpoint")
     return None
 
@@ -316,11 +326,11 @@ def _cluster_failure(status: dict[str, Any]) -> Optional[str]:
     return None
 
 
-def _failure(status: dict[str, Any], trainer_error: Optional[dict[str, Any]],
+def _failure(status: dict[str, Any], trainer_error: Optional[RunError],
              problem: Optional[PodProblem]) -> tuple[str, str]:
     """Best reason for a failed RayJob: the trainer's own, then KubeRay's deadline, then the pods."""
-    if trainer_error and trainer_error.get("reason"):
-        return str(trainer_error["reason"]), str(trainer_error.get("message") or "")
+    if trainer_error is not None and trainer_error.reason:
+        return trainer_error.reason, trainer_error.message or ""
     if status.get("reason") == "DeadlineExceeded":
         return "DeadlineExceeded", status.get("message") or "activeDeadlineSeconds exceeded"
     if problem is not None and problem.reason in ("OOMKilled", "ImagePullBackOff", "CreateContainerConfigError"):
@@ -331,16 +341,16 @@ def _failure(status: dict[str, Any], trainer_error: Optional[dict[str, Any]],
 
 
 def observe_local_run(run: str, *, number: int, attempt: int, running: bool, exit_code: Optional[int],
-                      progress: Optional[dict[str, Any]], log_tail: str = "",
+                      progress: Any, log_tail: str = "",
                       dataset_revision: Optional[str] = None) -> RunObservation:
     """Fold a local trainer subprocess (running flag, exit code if known) and its progress file."""
     doc = progress_for_attempt(progress, attempt)
     base = dict(run=run, number=number, attempt=attempt, progress=doc, dataset_revision=dataset_revision)
-    state = (doc or {}).get("state")
+    state = doc.state if doc is not None else None
     if running:
         return RunObservation(**base, state=RunState.running, reason="Running", message="trainer process running")
-    trainer_error = (doc or {}).get("error") or None
-    result = (doc or {}).get("result") or None
+    trainer_error = doc.error if doc is not None else None
+    result = doc.result if doc is not None else None
     if exit_code == 0 or (exit_code is None and state == "Succeeded"):
         untrue = _succeeded_untrue(doc, attempt, "the trainer process exited 0, but")
         if untrue is None:
@@ -349,9 +359,9 @@ def observe_local_run(run: str, *, number: int, attempt: int, running: bool, exi
         reason, message = untrue
         return RunObservation(**base, state=RunState.failed, reason=reason, message=message,
                               error=trainer_error, result=result)
-    if trainer_error and trainer_error.get("reason"):
-        return RunObservation(**base, state=RunState.failed, reason=str(trainer_error["reason"]),
-                              message=str(trainer_error.get("message") or ""), error=trainer_error)
+    if trainer_error is not None and trainer_error.reason:
+        return RunObservation(**base, state=RunState.failed, reason=trainer_error.reason,
+                              message=trainer_error.message or "", error=trainer_error)
     if exit_code is None:
         reason, message = "TrainerLost", "the trainer process is gone and left no result"
     elif exit_code < 0:
@@ -386,4 +396,24 @@ def observe_inspect(key: str, *, config_map: Optional[dict[str, Any]], job: Opti
                                          f"{cond.get('message', '')}".strip())
     if job is None:
         return ValidationObservation(key=key)  # the Job is gone and left no result: start again
-    return ValidationObservation(key=key, exists=True, problem=pod_problem(pods or []))
+    return ValidationObservation(key=key, exists=True, problem=pod_problem(pods or []),
+                                 created_at=parse_time((job.get("metadata") or {}).get("creationTimestamp")),
+                                 not_started=_not_started(pods or []))
+
+
+def _not_started(pods: list[dict[str, Any]]) -> Optional[str]:
+    """None once a pod of the Job runs (or ran); else what is there instead."""
+    if not pods:
+        return "its Job has created no pod"
+    waiting = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        if status.get("phase") in ("Running", "Succeeded", "Failed"):
+            return None
+        name = (pod.get("metadata") or {}).get("name", "?")
+        scheduled = any(c.get("type") == "PodScheduled" and c.get("status") == "True"
+                        for c in status.get("conditions") or [])
+        node = (pod.get("spec") or {}).get("nodeName")
+        waiting.append(f"pod {name} is Pending on node {node}" if scheduled or node
+                       else f"pod {name} is Pending and not scheduled to any node")
+    return "; ".join(waiting)

@@ -51,9 +51,4 @@ def decide(policy: Promotion, candidate: dict[str, Any], champion: Optional[Cham
     return Decision(False, "NotBetter", detail)
 
 
-def metric_values(metrics: dict[str, Any]) -> dict[str, float]:
-    """Numeric metrics only (result.json may carry nulls)."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-__all__ = ["Decision", "Metric", "decide", "metric_values"]
+__all__ = ["Decision", "Metric", "decide"]

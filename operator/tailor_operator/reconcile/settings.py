@@ -54,6 +54,10 @@ class OperatorSettings:
     """How long a run's pod may wait for a missing Secret (the kubelet retries, so a Secret applied
     just after the job still works) before the attempt fails with CredentialsError and its pods,
     which may hold GPUs, are deleted."""
+    validation_start_grace_seconds: float = 120.0
+    """How long a Dataset validation Job may go without a running pod (none created, or one not
+    scheduled) before the Dataset says so (reason ValidationNotStarted) instead of a bare
+    "Validating"; it keeps waiting, since a node or scheduler may still come."""
     validation_job_ttl_seconds: int = 600
     validation_cpu: str = "1"
     validation_memory: str = "2Gi"
