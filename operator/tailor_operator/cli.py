@@ -1,4 +1,5 @@
-"""The `tailor` command."""
+"""The `tailor` command: the groups and the small commands; the commands that start the trainer
+or the operator live in `cli_commands` and are added here (imports go one way)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from tailor_operator import crdgen
+from tailor_operator import cli_commands, crdgen
 from tailor_operator.validation import validate_file
 
 
@@ -51,5 +52,6 @@ def dataset() -> None:
     """Dataset tools."""
 
 
-# Commands that start the trainer or the operator live in their own module.
-from tailor_operator import cli_commands  # noqa: E402,F401  (registers run, operator, dataset inspect)
+main.add_command(cli_commands.run)
+main.add_command(cli_commands.operator_cmd)
+dataset.add_command(cli_commands.inspect)

@@ -2,13 +2,16 @@
 
 `run` and `inspect` start the trainer exactly as a RayJob does (`python -m tailor_trainer ...`
 in a subprocess), so the command line and the cluster share one code path and the operator
-package never imports the pipeline.
+package never imports the pipeline. The commands are plain `click` commands; `cli.py` adds them
+to its groups, so imports go one way (cli -> cli_commands -> cli_display).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,17 +24,22 @@ import click
 from tailor_operator.api.v1alpha1 import Dataset, FineTuneJob
 from tailor_operator.backends import local
 from tailor_operator.builders.naming import run_name
-from tailor_operator.builders.trainer_config import build_trainer_config
-from tailor_operator.cli import dataset as dataset_group
-from tailor_operator.cli import main
+from tailor_operator.builders.trainer_config import build_trainer_config, run_output_uri
+from tailor_operator.cli_display import Display, make_display, summary_table
 from tailor_operator.validation import iter_documents, validate_file
 from tailor_trainer.config import ResolvedDataset
+from tailor_trainer.contract import PROGRESS_FILE, RESULT_FILE, ProgressDoc, RunResult
 
-STAGES = ("prep", "adapt", "train", "evaluate")
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+INVALID_INPUT = ("InvalidSpec", "DataInvalid", "ModelInvalid")
+"""Trainer error reasons that mean the input is wrong (exit 2) when raised before training."""
 
 
 class ManifestError(click.ClickException):
-    """A problem with the manifest file (exit 1, message names the object or field)."""
+    """A problem with the manifest file (exit 2, message names the object or field)."""
+
+    exit_code = EXIT_INVALID
 
 
 def _load(path: Path) -> tuple[list[Dataset], list[FineTuneJob], dict[str, dict[str, str]]]:
@@ -81,79 +89,74 @@ def _local_dir(uri: str) -> Optional[Path]:
     return Path(uri)
 
 
+def load_progress(run_dir: Path) -> Optional[ProgressDoc]:
+    """The trainer's progress document of a run (state, stage, step, loss, result, error, ...),
+    or None before the trainer wrote one. The one place the CLI reads it."""
+    return local.read_progress(run_dir / PROGRESS_FILE)
+
+
 def _pick_run(job: FineTuneJob, fresh: bool) -> tuple[str, int]:
     """Next run name, or the last unfinished run again (attempt + 1) so it resumes."""
-    root = _local_dir(job.spec.output.uri)
+    root = _local_dir(run_output_uri(job, run_name(job.metadata.name, 1)))
+    job_dir = root.parent if root is not None else None
     number, attempt = 1, 1
-    if root is not None and (root / job.metadata.name).is_dir():
-        numbers = []
-        for child in (root / job.metadata.name).iterdir():
-            suffix = child.name[len(job.metadata.name) + 2:]
-            if child.name.startswith(f"{job.metadata.name}-r") and suffix.isdigit():
-                numbers.append(int(suffix))
+    if job_dir is not None and job_dir.is_dir():
+        prefix = f"{job.metadata.name}-r"
+        numbers = [int(c.name[len(prefix):]) for c in job_dir.iterdir()
+                   if c.name.startswith(prefix) and c.name[len(prefix):].isdigit()]
         if numbers:
             last = max(numbers)
-            last_dir = root / job.metadata.name / run_name(job.metadata.name, last)
+            last_dir = job_dir / run_name(job.metadata.name, last)
             finished = (last_dir / "evaluate" / "manifest.json").exists()
             if finished or fresh:
                 number = last + 1
             else:
                 number = last
-                state = local.read_progress(last_dir / local.PROGRESS_FILE) or {}
-                attempt = int(state.get("attempt", 1)) + 1
+                attempt = ((load_progress(last_dir) or ProgressDoc()).attempt or 1) + 1
     return run_name(job.metadata.name, number), attempt
 
 
-def _fmt_eta(seconds: Any) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+def exit_code(trainer_code: int, progress: Optional[ProgressDoc]) -> int:
+    """`tailor run`'s exit code from the trainer's: 0 succeeded, 2 invalid input caught before
+    training, 130 interrupted, 1 any other failure (a missed evaluation gate included)."""
+    state = progress or ProgressDoc()
+    if trainer_code == 0 and state.state != "Failed":
+        return EXIT_OK
+    reason = state.error.reason if state.error else None
+    if reason == "Interrupted" or trainer_code in (130, 143):
+        return EXIT_INTERRUPTED
+    if trainer_code == EXIT_INVALID or reason == "InvalidSpec":
+        return EXIT_INVALID
+    if reason in INVALID_INPUT and state.stage in (None, "prep", "adapt"):
+        return EXIT_INVALID
+    return EXIT_FAILED
 
 
-def progress_line(p: dict[str, Any]) -> str:
-    stage = p.get("stage") or "starting"
-    parts = [f"[{stage}]"]
-    step, total = p.get("step"), p.get("totalSteps")
-    if step is not None and total:
-        parts.append(f"step {step}/{total} ({100 * step // max(total, 1)}%)")
-    if p.get("loss") is not None:
-        parts.append(f"loss {p['loss']:.4f}")
-    if p.get("tokensPerSecond"):
-        parts.append(f"{p['tokensPerSecond']:.0f} tok/s")
-    if stage == "train" and p.get("etaSeconds") is not None:
-        parts.append(f"ETA {_fmt_eta(p.get('etaSeconds'))}")
-    if p.get("message"):
-        parts.append(str(p["message"]))
-    return "  ".join(parts)
+RUN_EPILOG = """\b
+Exit codes:
+  0    the run succeeded (and passed its evaluation gates)
+  1    the run failed, or an evaluation gate was missed
+  2    invalid input: a bad manifest, a validation error, or a bad dataset or
+       base model found before training
+  130  interrupted (Ctrl-C); rerun the same command to resume from the last
+       checkpoint, or add --fresh to start over
+"""
 
 
-def summary_table(result: dict[str, Any]) -> str:
-    m = result.get("metrics") or {}
-    rows = [("loss", "loss", "baseLoss"), ("perplexity", "perplexity", "basePerplexity"),
-            ("accuracy", "accuracy", "baseAccuracy"), ("exact match", "exactMatch", "baseExactMatch")]
-    lines = [f"{'metric':<14}{'base':>12}{'fine-tuned':>14}{'change':>12}"]
-    for label, key, base_key in rows:
-        if m.get(key) is None:
-            continue
-        tuned, base = m[key], m.get(base_key)
-        change = f"{tuned - base:+.4f}" if base is not None else ""
-        base_s = f"{base:.4f}" if base is not None else "-"
-        lines.append(f"{label:<14}{base_s:>12}{tuned:>14.4f}{change:>12}")
-    return "\n".join(lines)
-
-
-@main.command()
+@click.command(epilog=RUN_EPILOG)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--job", "job_name", default=None, help="FineTuneJob to run when the file has several.")
 @click.option("--fresh", is_flag=True, help="Start a new run even if the last one did not finish.")
-@click.option("--quiet", is_flag=True, help="No live progress display.")
+@click.option("--quiet", is_flag=True, help="No progress display (the result is still printed).")
 def run(file: Path, job_name: Optional[str], fresh: bool, quiet: bool) -> None:
     """Run a FineTuneJob manifest locally (prep -> adapt -> train -> evaluate), no cluster needed.
 
     FILE holds the FineTuneJob and the Dataset it references (and a ConfigMap, if the Dataset
     reads inline data from one). Relative paths in the manifest resolve against the current
     directory. An unfinished run is resumed from its last finished stage and checkpoint.
+
+    On a terminal the progress is a live display; otherwise (CI, a pipe) one plain line per
+    stage and every few seconds while training.
     """
     datasets, jobs, config_maps = _load(file)
     if not jobs:
@@ -172,63 +175,92 @@ def run(file: Path, job_name: Optional[str], fresh: bool, quiet: bool) -> None:
                             f"is not in {file} (found: {[d.metadata.name for d in datasets]})")
     ds = matching[0]
     run_id, attempt = _pick_run(job, fresh)
-    config = build_trainer_config(job, ds, run_id, attempt=attempt,
-                                  inline_data=_inline_data(ds, config_maps), progress_file="progress.json")
+    try:
+        config = build_trainer_config(job, ds, run_id, attempt=attempt, inline_data=_inline_data(ds, config_maps),
+                                      progress_file=PROGRESS_FILE)
+    except ValueError as e:  # a cross-field check of the trainer config (pydantic ValidationError)
+        raise ManifestError(f"FineTuneJob/{job.metadata.name}: {e}") from e
     root = _local_dir(config.output_uri)
     workdir = root if root is not None else Path.home() / ".cache" / "tailor" / "local" / run_id
+    resume = " ".join(["tailor", "run", shlex.quote(str(file))]
+                      + (["--job", shlex.quote(job_name)] if job_name else []))
     click.echo(f"run {run_id} (attempt {attempt}) -> {config.output_uri}")
-    handle = local.start(config, workdir)
-    code = _follow(handle, quiet=quiet)
-    state = handle.progress() or {}
-    if code != 0 or state.get("state") == "Failed":
-        error = state.get("error") or {}
-        reason = error.get("reason", "TrainerFailed")
-        message = error.get("message") or f"trainer exited with code {code}"
-        field = f" (field {error['field']})" if error.get("field") else ""
-        click.echo(f"\nFAILED: {reason}: {message}{field}", err=True)
-        click.echo(f"trainer log: {handle.log_path}", err=True)
-        if not error:
-            tail = handle.log_path.read_text(errors="replace").splitlines()[-15:]
-            click.echo("\n".join(tail), err=True)
-        sys.exit(1)
-    result = state.get("result") or {}
+    display = make_display(quiet, click.echo)
+    handle: Optional[local.LocalRun] = None
+    try:
+        handle = local.start(config, workdir)
+        code = _follow(handle, display)
+    except KeyboardInterrupt:
+        display.close()
+        if handle is not None:
+            _stop(handle)
+        state = load_progress(workdir) or ProgressDoc()
+        click.echo(f"\ninterrupted: {run_id} stopped{_where(state)}; resume from its last checkpoint "
+                   f"with: {resume}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    display.close()
+    state = load_progress(workdir) or ProgressDoc()
+    status = exit_code(code, state)
+    if status == EXIT_INTERRUPTED:
+        click.echo(f"\ninterrupted: the trainer of {run_id} was stopped{_where(state)}; resume from its "
+                   f"last checkpoint with: {resume}", err=True)
+        sys.exit(status)
+    if status != EXIT_OK:
+        _report_failure(handle, code, state)
+        sys.exit(status)
+    result = state.result or RunResult()
     click.echo("\n" + summary_table(result))
-    artifacts = result.get("artifacts") or {}
+    artifacts = result.artifacts
     if artifacts.get("model"):
         click.echo(f"\nmodel:  {artifacts['model']}")
     if artifacts.get("report"):
         click.echo(f"report: {artifacts['report']}")
-    click.echo(f"result: {config.output_uri}/evaluate/result.json")
+    click.echo(f"result: {config.output_uri}/evaluate/{RESULT_FILE}")
 
 
-def _follow(handle: local.LocalRun, quiet: bool) -> int:
-    tty = sys.stdout.isatty()
-    last_line, last_print = "", 0.0
+def _where(state: ProgressDoc) -> str:
+    stage, step, total = state.stage, state.step, state.total_steps
+    if stage and step is not None and total:
+        return f" during {stage} (step {step}/{total})"
+    return f" during {stage}" if stage else ""
+
+
+def _report_failure(handle: local.LocalRun, code: int, state: ProgressDoc) -> None:
+    error = state.error
+    reason = (error.reason if error else None) or "TrainerFailed"
+    message = (error.message if error else None) or f"trainer exited with code {code}"
+    field = f" (field {error.field})" if error and error.field else ""
+    click.echo(f"\nFAILED: {reason}: {message}{field}", err=True)
+    click.echo(f"trainer log: {handle.log_path}", err=True)
+    if error is None:
+        tail = handle.log_path.read_text(errors="replace").splitlines()[-15:]
+        click.echo("\n".join(tail), err=True)
+
+
+def _follow(handle: local.LocalRun, display: Display) -> int:
+    """Show the progress until the trainer exits; returns its exit code."""
+    while True:
+        code = handle.poll()
+        display.update(load_progress(handle.workdir))
+        if code is not None:
+            return code
+        time.sleep(0.5)
+
+
+def _stop(handle: local.LocalRun) -> None:
+    """Stop the trainer's process group (SIGTERM: it records the interruption and exits); a
+    second Ctrl-C while it winds down kills it at once. Checkpoints stay for the resume."""
     try:
-        while True:
-            code = handle.poll()
-            p = handle.progress()
-            if p and not quiet:
-                line = progress_line(p)
-                now = time.monotonic()
-                if tty:
-                    click.echo("\r" + line.ljust(100)[:160], nl=False)
-                elif line != last_line and (now - last_print > 5 or p.get("stage") != "train"):
-                    click.echo(line)
-                    last_print = now
-                last_line = line
-            if code is not None:
-                if tty and not quiet:
-                    click.echo("")
-                return code
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted: stopping the trainer (rerun to resume from the last checkpoint)", err=True)
         handle.terminate()
-        sys.exit(130)
+    except KeyboardInterrupt:
+        try:
+            os.killpg(handle.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        handle.process.wait()
 
 
-@dataset_group.command("inspect")
+@click.command("inspect")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", default=None, help="Dataset to inspect when the file has several.")
 @click.option("--output", "output", type=click.Choice(["text", "json"]), default="text", show_default=True)
@@ -238,7 +270,8 @@ def inspect(file: Path, name: Optional[str], output: str, tokenizer: Optional[st
             max_seq_length: Optional[int]) -> None:
     """Validate a Dataset manifest locally and print the status Tailor would write.
 
-    Exit code 0 when the Dataset would be Ready, 1 when not.
+    Exit code 0 when the Dataset would be Ready, 1 when not (the status names the problem),
+    2 when the manifest itself is invalid.
     """
     datasets, jobs, config_maps = _load(file)
     if name:
@@ -270,7 +303,7 @@ def inspect(file: Path, name: Optional[str], output: str, tokenizer: Optional[st
         sys.exit(subprocess.call(cmd, env=os.environ.copy()))
 
 
-@main.command("operator")
+@click.command("operator")
 @click.option("--namespace", "-n", "namespaces", multiple=True,
               help="Namespace to watch (repeatable). Default: all namespaces.")
 @click.option("--metrics-port", type=int, default=8080, show_default=True, help="Prometheus /metrics port.")
