@@ -17,11 +17,29 @@ REGENERATE = "run `tailor crds` (or `python -m tailor_operator.crdgen`) and comm
 
 @pytest.mark.parametrize("name", sorted(crdgen.build_crds()))
 def test_committed_crds_equal_fresh_generation(name: str) -> None:
-    fresh = crdgen.render(crdgen.build_crds()[name])
-    for directory in crdgen.targets(ROOT):
+    """crds/ (plain YAML) and the chart's templates/crds/ (the same CRD behind crds.install)."""
+    targets = crdgen.targets(ROOT)
+    assert [d for d, _ in targets] == [ROOT / "crds", ROOT / "charts" / "tailor" / "templates" / "crds"]
+    for directory, renderer in targets:
         path = directory / name
         assert path.exists(), f"{path.relative_to(ROOT)} is missing: {REGENERATE}"
-        assert path.read_text() == fresh, f"{path.relative_to(ROOT)} is stale: {REGENERATE}"
+        assert path.read_text() == renderer(crdgen.build_crds()[name]), f"{path.relative_to(ROOT)} is stale: {REGENERATE}"
+
+
+def test_chart_has_no_crds_folder() -> None:
+    """Helm installs a chart's crds/ once and never upgrades it; the chart's CRDs are templates."""
+    assert not (ROOT / "charts" / "tailor" / "crds").exists()
+
+
+@pytest.mark.parametrize("name", sorted(crdgen.build_crds()))
+def test_chart_template_is_the_plain_crd_with_release_metadata(name: str) -> None:
+    """Without its template lines the chart's copy is the plain CRD's spec, byte for byte."""
+    crd = crdgen.build_crds()[name]
+    template = crdgen.render_template(crd)
+    assert template.splitlines()[2] == "{{- if .Values.crds.install }}" and template.endswith("{{- end }}\n")
+    spec = template[template.index("\nspec:\n") + 1:template.rindex("{{- end }}")]
+    assert yaml.safe_load(spec) == {"spec": crd["spec"]}
+    assert "helm.sh/resource-policy: keep" in template and "{{- if .Values.crds.keep }}" in template
 
 
 def _walk(node: Any, path: str = "$"):

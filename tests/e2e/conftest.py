@@ -57,10 +57,13 @@ def node_cluster(tmp_path_factory) -> NodeCluster:
 
 @pytest.fixture(scope="module")
 def tailor_release(node_cluster: NodeCluster) -> NodeCluster:
-    """The chart installed as users install it, with the operator image built from the Dockerfile."""
+    """The chart installed as users install it, with the operator image built from the Dockerfile.
+    `testenv up` applied crds/ with kubectl already (as a user who started from the plain CRDs):
+    `--take-ownership` lets the chart's CRD templates adopt them (docs/operator.md)."""
     t0 = time.monotonic()
     node_cluster.helm("install", "tailor", str(REPO / "charts" / "tailor"), "--namespace", OPERATOR_NAMESPACE,
-                      "--create-namespace", *operator_values(node_cluster), "--wait", "--timeout", "5m",
+                      "--create-namespace", "--take-ownership", *operator_values(node_cluster),
+                      "--wait", "--timeout", "5m",
                       check=True, timeout=400)
     sys.stderr.write(f"[node] helm install --wait: {time.monotonic() - t0:.0f}s\n")
     yield node_cluster

@@ -121,6 +121,11 @@ def test_operator_runs_from_its_image(tailor_release: NodeCluster) -> None:
     metrics = cluster.kubectl("get", "--raw", f"/api/v1/namespaces/{OPERATOR_NAMESPACE}/pods/{name}:8080/proxy/metrics",
                               check=True).stdout
     assert re.search(r"^tailor_\w+", metrics, re.M), metrics[:2000]
+    # the chart's own `helm test`: a pod of the operator image, under the operator's security
+    # settings, gets /healthz through the health Service and finds both CRDs Established
+    r = cluster.helm("test", "tailor", "-n", OPERATOR_NAMESPACE, "--timeout", "3m", timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr + pod_logs(cluster, OPERATOR_NAMESPACE)
+    assert re.search(r"TEST SUITE:\s+tailor-test\s.*Phase:\s+Succeeded", r.stdout, re.S), r.stdout
 
 
 def test_cluster_example_trains_end_to_end(demo: NodeCluster) -> None:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from operator_fixtures import REPO, Kube, OperatorProcess, dataset_manifest, job_manifest, ready_result, wait_until
+from operator_fixtures import (REPO, TESTENV, ControlPlane, Kube, OperatorProcess, dataset_manifest, job_manifest, ready_result,
+                               wait_until)
+from tailor_operator import crdgen
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +39,8 @@ def test_chart_lints_clean(control_plane) -> None:
 def test_default_install_is_cluster_wide_with_probes_and_metrics(control_plane) -> None:
     docs = _render(control_plane)
     assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
-                                         "Service", "ConfigMap", "Role", "RoleBinding"}  # Role: the Lease
+                                         "Service", "ConfigMap", "Role", "RoleBinding",  # Role: the Lease
+                                         "CustomResourceDefinition", "Pod"}  # Pod: the `helm test` hook
     deploy = _find(docs, "Deployment")[0]
     pod = deploy["spec"]["template"]["spec"]
     c = pod["containers"][0]
@@ -151,13 +155,146 @@ def test_dashboard_is_valid_and_queries_documented_metrics(control_plane) -> Non
     assert len(dashboard["panels"]) >= 10
 
 
-def test_chart_crds_are_the_generated_ones() -> None:
-    for path in (REPO / "crds").glob("*.yaml"):
-        assert (CHART / "crds" / path.name).read_text() == path.read_text(), path.name
+def test_chart_crds_are_the_generated_ones(control_plane) -> None:
+    """The chart renders exactly the generated CRDs (templates, so `helm upgrade` upgrades them;
+    Helm never upgrades a chart's crds/ folder, which the chart no longer has), owned by the release
+    and kept by `helm uninstall`; crds/ at the top stays plain YAML for kubectl."""
+    assert not (CHART / "crds").exists()
+    rendered = {d["metadata"]["name"]: d for d in _find(_render(control_plane), "CustomResourceDefinition")}
+    generated = {c["metadata"]["name"]: c for c in crdgen.build_crds().values()}
+    assert sorted(rendered) == sorted(generated)
+    for name, crd in generated.items():
+        got = rendered[name]
+        assert {k: v for k, v in got.items() if k != "metadata"} == {k: v for k, v in crd.items() if k != "metadata"}, name
+        assert crd["metadata"]["labels"].items() <= got["metadata"]["labels"].items()
+        assert got["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+        assert got["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+        assert (REPO / "crds" / f"{crd['spec']['group']}_{crd['spec']['names']['plural']}.yaml").read_text() == \
+            crdgen.render(crd)
+
+
+def test_crds_install_and_keep_are_values(control_plane) -> None:
+    assert not _find(_render(control_plane, "--set", "crds.install=false"), "CustomResourceDefinition")
+    unkept = _find(_render(control_plane, "--set", "crds.keep=false"), "CustomResourceDefinition")
+    assert len(unkept) == 2 and all("annotations" not in c["metadata"] for c in unkept)
+    r = control_plane.helm("template", "tailor", str(CHART), "--set", "crds.enabled=true")
+    assert r.returncode != 0 and "schema" in (r.stderr + r.stdout).lower(), r.stderr
+
+
+def test_helm_test_pod_checks_health_and_crds_with_minimal_rights(control_plane) -> None:
+    toleration = '[{"key":"gpu","operator":"Exists","effect":"NoSchedule"}]'
+    docs = _render(control_plane, "--set-json", f"tolerations={toleration}", "--set", "image.tag=dev")
+    pod = _find(docs, "Pod", "tailor-test")[0]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["metadata"]["annotations"]["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    operator = _find(docs, "Deployment")[0]["spec"]["template"]["spec"]
+    spec, c = pod["spec"], pod["spec"]["containers"][0]
+    # the operator's image and security settings, and it goes where the operator goes
+    assert c["image"] == operator["containers"][0]["image"] == "ghcr.io/tailor-dev/tailor-operator:dev"
+    assert spec["securityContext"] == operator["securityContext"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert c["securityContext"] == operator["containers"][0]["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    assert spec["tolerations"] == operator["tolerations"] and spec["restartPolicy"] == "Never"
+    script = c["args"][0]
+    assert "http://tailor-health.tailor-system.svc:8081/healthz" in script
+    assert '"finetunejobs.tailor.dev", "datasets.tailor.dev"' in script
+    compile(script, "helm-test", "exec")
+    health = _find(docs, "Service", "tailor-health")[0]
+    assert health["spec"]["ports"] == [{"name": "health", "port": 8081, "targetPort": "health", "protocol": "TCP"}]
+    assert health["spec"]["selector"] == _find(docs, "Deployment")[0]["spec"]["selector"]["matchLabels"]
+    # its identity may read the two CRDs, nothing else
+    assert spec["serviceAccountName"] == "tailor-test" and _find(docs, "ServiceAccount", "tailor-test")
+    assert _find(docs, "ClusterRole", "tailor-test")[0]["rules"] == [
+        {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+         "resourceNames": ["finetunejobs.tailor.dev", "datasets.tailor.dev"], "verbs": ["get"]}]
+    binding = _find(docs, "ClusterRoleBinding", "tailor-test")[0]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tailor-test", "namespace": RELEASE_NS}]
+    assert "Pod" not in {d["kind"] for d in _render(control_plane, "--skip-tests")}
+
+
+# The previous chart (0.1.0, CRDs in crds/), vendored: see tests/data/charts/README.md.
+PREVIOUS_CHART = REPO / "tests" / "data" / "charts" / "tailor-0.1.0.tgz"
+TAILOR_CRDS = ("finetunejobs.tailor.dev", "datasets.tailor.dev")
+# The one-time step of docs/operator.md ("Upgrading the chart"), verbatim.
+ADOPT_CRDS = [
+    "kubectl label crd finetunejobs.tailor.dev datasets.tailor.dev app.kubernetes.io/managed-by=Helm --overwrite",
+    "kubectl annotate crd finetunejobs.tailor.dev datasets.tailor.dev meta.helm.sh/release-name=tailor "
+    "meta.helm.sh/release-namespace=tailor-system --overwrite",
+]
+
+
+@pytest.fixture
+def bare_control_plane(control_plane, tmp_path):
+    """A second control plane, with no CRDs at all (about 4 s): chart 0.1.0 installs its CRDs from
+    crds/ only where they are missing, and the session's CRDs (with other tests' objects) stay
+    untouched. Same binaries as the session's."""
+    empty = tmp_path / "no-crds"
+    empty.mkdir()
+    cp = ControlPlane.up(tmp_path / "testenv", control_plane.bin_dir, "--crds", str(empty), "--no-kuberay-crds")
+    try:
+        yield cp
+    finally:
+        subprocess.run([str(TESTENV), "down", "--dir", str(cp.dir)], capture_output=True, text=True, timeout=120)
+
+
+def _queue_name_in_schema(cp) -> bool:
+    crd = json.loads(cp.kubectl("get", "crd", "finetunejobs.tailor.dev", "-o", "json", check=True).stdout)
+    return "queueName" in crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+
+
+@pytest.mark.parametrize("adopt", ["kubectl", "take-ownership"])
+def test_upgrade_from_0_1_0_upgrades_the_crds_and_uninstall_keeps_them(bare_control_plane, adopt) -> None:
+    """0.1.0 (its FineTuneJob CRD lacks spec.queueName) -> the working tree's chart: Helm refuses to
+    adopt the CRDs 0.1.0 created from crds/ until they carry its ownership metadata (the documented
+    one-time step, or --take-ownership with Helm >= 3.17); then the upgrade brings the new schema,
+    and `helm uninstall` leaves the CRDs and the objects in them."""
+    cp = bare_control_plane
+    cp.helm("install", "tailor", str(PREVIOUS_CHART), "-n", RELEASE_NS, "--create-namespace", check=True)
+    assert not _queue_name_in_schema(cp)
+    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{n}" for n in TAILOR_CRDS),
+               check=True)
+    cp.kubectl("create", "namespace", "team", check=True)
+    cp.kubectl("apply", "-n", "team", "-f", "-", input=json.dumps(dataset_manifest("tickets")), check=True)
+
+    r = cp.helm("upgrade", "tailor", str(CHART), "-n", RELEASE_NS)
+    assert r.returncode != 0 and "invalid ownership metadata" in r.stderr, r.stderr
+    assert not _queue_name_in_schema(cp)
+    docs = (REPO / "docs" / "operator.md").read_text()
+    if adopt == "kubectl":
+        for command in ADOPT_CRDS:
+            assert command in docs, command
+            cp.kubectl(*command.split()[1:], check=True)
+        r = cp.helm("upgrade", "tailor", str(CHART), "-n", RELEASE_NS)
+    else:
+        assert "helm upgrade tailor charts/tailor -n tailor-system --take-ownership" in docs
+        r = cp.helm("upgrade", "tailor", str(CHART), "-n", RELEASE_NS, "--take-ownership")
+    assert r.returncode == 0, r.stderr
+    assert _queue_name_in_schema(cp)
+    for name in TAILOR_CRDS:
+        meta = json.loads(cp.kubectl("get", "crd", name, "-o", "json", check=True).stdout)["metadata"]
+        assert meta["labels"]["helm.sh/chart"] == f"tailor-{yaml.safe_load((CHART / 'Chart.yaml').read_text())['version']}"
+        assert meta["annotations"]["helm.sh/resource-policy"] == "keep"
+    # a job using the new field is accepted by the upgraded schema (strict field validation)
+    job = job_manifest("queued")
+    job["spec"]["queueName"] = "team-queue"
+    cp.kubectl("apply", "-n", "team", "--validate=strict", "-f", "-", input=json.dumps(job), check=True)
+    # later upgrades need no step: the release owns the CRDs now
+    cp.helm("upgrade", "tailor", str(CHART), "-n", RELEASE_NS, "--set", "operator.workers=4", check=True)
+
+    r = cp.helm("uninstall", "tailor", "-n", RELEASE_NS, "--wait", "--timeout", "60s", check=True)
+    assert "kept due to the resource policy" in r.stdout, r.stdout
+    for name in TAILOR_CRDS:
+        assert cp.kubectl("get", "crd", name).returncode == 0, name
+    assert cp.kubectl("get", "datasets.tailor.dev", "tickets", "-n", "team").returncode == 0
+    assert cp.kubectl("get", "finetunejobs.tailor.dev", "queued", "-n", "team").returncode == 0
 
 
 def _install(cp, *args: str):
-    r = cp.helm("install", "tailor", str(CHART), "-n", RELEASE_NS, "--create-namespace", "--skip-crds", *args)
+    # testenv applied crds/ with kubectl: here they are managed outside the release (crds.install=false)
+    r = cp.helm("install", "tailor", str(CHART), "-n", RELEASE_NS, "--create-namespace", "--set", "crds.install=false",
+                *args)
     assert r.returncode == 0, r.stderr
     return r
 
