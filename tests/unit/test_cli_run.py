@@ -139,8 +139,11 @@ def interrupted_then_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[s
     tmp = tmp_path_factory.mktemp("cli-run")
     path = _manifest(tmp)
     run_dir = tmp / "runs" / "default" / "cli-run" / "cli-run-r1"
+    # As on a terminal: a shell starts background jobs (CI's, too) with SIGINT ignored, and an
+    # ignored signal stays ignored across exec, so `tailor run` would never see the Ctrl-C.
     proc = subprocess.Popen(_tailor_argv("run", str(path)), cwd=ROOT, env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
