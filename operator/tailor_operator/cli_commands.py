@@ -25,7 +25,7 @@ from tailor_operator.api.v1alpha1 import Dataset, FineTuneJob
 from tailor_operator.backends import local
 from tailor_operator.builders.naming import run_name
 from tailor_operator.builders.trainer_config import build_trainer_config, run_output_uri
-from tailor_operator.cli_display import Display, make_display, summary_table
+from tailor_operator.cli_display import Display, make_display, search_result, summary_table
 from tailor_operator.validation import iter_documents, validate_file
 from tailor_trainer.config import ResolvedDataset
 from tailor_trainer.contract import PROGRESS_FILE, RESULT_FILE, ProgressDoc, RunResult
@@ -210,6 +210,8 @@ def run(file: Path, job_name: Optional[str], fresh: bool, quiet: bool) -> None:
         sys.exit(status)
     result = state.result or RunResult()
     click.echo("\n" + summary_table(result))
+    if result.search is not None:
+        click.echo("\n" + search_result(result.search))
     artifacts = result.artifacts
     if artifacts.get("model"):
         click.echo(f"\nmodel:  {artifacts['model']}")

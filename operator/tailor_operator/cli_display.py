@@ -17,10 +17,14 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from tailor_trainer.contract import STAGE_ORDER, ProgressDoc, RunResult
+from tailor_operator.reconcile.search import params_text
+from tailor_trainer.contract import STAGE_ORDER, ProgressDoc, RunResult, SearchSummary, Trial
 
 PLAIN_TRAIN_INTERVAL = 5.0
 """Seconds between two plain lines during training (every stage change is printed at once)."""
+
+MAX_TRIAL_ROWS = 12
+"""Rows of the live display's trials table; a larger search shows the running and best trials."""
 
 
 def fmt_duration(seconds: Any) -> str:
@@ -54,9 +58,36 @@ def _stats(p: ProgressDoc) -> list[str]:
     return stats
 
 
+def search_text(s: SearchSummary) -> str:
+    """`search 3/6 done (2 running, 1 stopped)  best t02 valLoss 1.2345`."""
+    done = s.completed + s.stopped + s.failed
+    busy = [f"{n} {word}" for n, word in ((s.running, "running"), (s.stopped, "stopped"), (s.failed, "failed")) if n]
+    text = f"search {done}/{s.trials if s.trials is not None else '?'} done" + (f" ({', '.join(busy)})" if busy else "")
+    if s.best is not None and s.best.id:
+        score = f" {s.objective or 'objective'} {s.best.objective:.4f}" if s.best.objective is not None else ""
+        text += f"  best {s.best.id}{score}"
+    return text
+
+
+def search_result(s: SearchSummary) -> str:
+    """After the summary table: the chosen trial and what the search cost."""
+    counts = [f"{s.completed} completed"] + [f"{n} {w}" for n, w in ((s.stopped, "stopped early"),
+                                                                     (s.failed, "failed")) if n]
+    lines = [f"search: {s.trials if s.trials is not None else '?'} trials, {', '.join(counts)}"]
+    b = s.best
+    if b is not None and b.id:
+        score = f"{s.objective or 'objective'} {b.objective:.4f}" if b.objective is not None else "no objective"
+        steps = f", {b.steps} steps" if b.steps is not None else ""
+        lines.append(f"chosen trial {b.id} ({score}{steps}): {params_text(b.params) or 'no parameters'}")
+    return "\n".join(lines)
+
+
 def progress_line(p: ProgressDoc) -> str:
-    """One plain line: `[train]  step 6/12 (50%)  loss 2.3456  2506 tok/s  ETA 6s`."""
+    """One plain line: `[train]  step 6/12 (50%)  loss 2.3456  2506 tok/s  ETA 6s`; during a search
+    `[train]  search 3/6 done (2 running, 1 stopped)  best t02 valLoss 1.2345  ...`."""
     parts = [f"[{p.stage or 'starting'}]"]
+    if p.search is not None:
+        parts.append(search_text(p.search))
     step = _step(p)
     if step is not None:
         parts.append(_step_text(step))
@@ -97,8 +128,39 @@ def _stage_track(current: Optional[str], done: bool) -> Text:
     return text
 
 
+def _shown_trials(s: SearchSummary) -> tuple[list[Trial], int]:
+    """The table's rows by id (running and best first when there are too many), and how many
+    were left out."""
+    rows = [t for t in s.table if t.id]
+    if len(rows) <= MAX_TRIAL_ROWS:
+        return sorted(rows, key=lambda t: t.id or ""), 0
+    ranked = sorted(rows, key=lambda t: (t.state != "running", t.objective is None, t.objective or 0.0))
+    kept = ranked[:MAX_TRIAL_ROWS]
+    return sorted(kept, key=lambda t: t.id or ""), len(rows) - len(kept)
+
+
+def trials_table(s: SearchSummary) -> Table:
+    """The search's trials: id, state, steps, objective, params; the best one in bold."""
+    table = Table(box=None, padding=(0, 2), show_edge=False, header_style="dim")
+    for name, justify in (("  trial", "left"), ("state", "left"), ("steps", "right"),
+                          (s.objective or "objective", "right"), ("params", "left")):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    rows, hidden = _shown_trials(s)
+    best = s.best.id if s.best is not None else None
+    for t in rows:
+        steps = "" if t.steps is None else f"{t.steps}" + (f"/{t.total_steps}" if t.total_steps else "")
+        objective = "" if t.objective is None else f"{t.objective:.4f}"
+        style = "bold" if t.id == best else ("dim" if t.state in ("stopped", "failed", "pending") else "")
+        table.add_row(("* " if t.id == best else "  ") + (t.id or ""), t.state or "?", steps, objective,
+                      params_text(t.params), style=style)
+    if hidden:
+        table.add_row(f"  +{hidden} more", "", "", "", "", style="dim")
+    return table
+
+
 def render_progress(p: ProgressDoc, elapsed: float) -> RenderableType:
-    """The live display: stages, a bar with step/total, loss, tokens/s, ETA and elapsed time."""
+    """The live display: stages, a bar with step/total, loss, tokens/s, ETA and elapsed time; during
+    a search, its counts and a table of its trials."""
     stage = p.stage
     grid = Table.grid(padding=(0, 2))
     grid.add_column(no_wrap=True)
@@ -114,7 +176,10 @@ def render_progress(p: ProgressDoc, elapsed: float) -> RenderableType:
     grid.add_row(Text("", style="dim"), Text("   ".join(stats)))
     if p.message:
         grid.add_row(Text("", style="dim"), Text(p.message, style="italic"))
-    return Group(grid)
+    if p.search is None:
+        return Group(grid)
+    grid.add_row(Text("search", style="dim"), Text(search_text(p.search)[len("search "):]))
+    return Group(grid, trials_table(p.search)) if p.search.table else Group(grid)
 
 
 class Display(Protocol):

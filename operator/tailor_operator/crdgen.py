@@ -182,6 +182,8 @@ def build_crds() -> dict[str, dict[str, Any]]:
             age,
             _col("Run", "string", ".status.currentRun", "Current run", priority=1),
             _col("Reason", "string", ".status.error.reason", "Why it failed or waits", priority=1),
+            _col("Trials", "string", ".status.search.summary",
+                 "Hyperparameter search: finished trials / planned", priority=1),
         ],
         "FineTuneJob fine-tunes a pretrained generative model on a Dataset, evaluates it on held-out "
         "data and, with continuousLearning, retrains and promotes only better models.",

@@ -2,18 +2,20 @@
 
 Created at startup on a registry of their own (never at import), served on `/metrics` by
 `tailor_operator.runner`. Labels are bounded: phase, backend, result, a closed set of failure
-reasons (anything else is `Other`), kind, verb; the per-job series (`tailor_eval_*`) carry
-namespace/name of existing FineTuneJobs and are removed when a job is deleted.
+reasons (anything else is `Other`), kind, verb, trial state; the per-job series
+(`tailor_eval_metric`, `tailor_search_trials`) carry namespace/name of existing FineTuneJobs and
+are removed when a job is deleted.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import Mapping, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tailor_operator.api.v1alpha1 import Phase
+from tailor_operator.reconcile.search import TRIAL_STATES
 
 FAILURE_REASONS = frozenset({
     "AppFailed", "DeadlineExceeded", "Diverged", "GateFailed", "InvalidSpec", "DataInvalid", "OOMKilled",
@@ -52,6 +54,9 @@ class Metrics:
                               registry=r)
         self.eval_metric = Gauge("tailor_eval_metric", "Latest held-out evaluation metric of each FineTuneJob.",
                                  ["namespace", "finetunejob", "metric"], registry=r)
+        self.search_trials = Gauge("tailor_search_trials",
+                                   "Trials of each FineTuneJob's current hyperparameter search, by state.",
+                                   ["namespace", "finetunejob", "state"], registry=r)
         self.reconcile_duration = Histogram("tailor_reconcile_duration_seconds", "Time to reconcile one object.",
                                             ["kind"], registry=r)
         self.reconcile_errors = Counter("tailor_reconcile_errors_total", "Reconciles that raised.", ["kind"],
@@ -119,8 +124,20 @@ class Metrics:
             if key in metrics:
                 self.eval_metric.labels(namespace, name, key).set(metrics[key])
 
+    def search(self, namespace: str, name: str, counts: Optional[Mapping[str, int]]) -> None:
+        """The current run's trials by state (status.search); None removes the series (no search)."""
+        for state in TRIAL_STATES:
+            if counts is not None:
+                self.search_trials.labels(namespace, name, state).set(counts.get(state, 0))
+            else:
+                try:
+                    self.search_trials.remove(namespace, name, state)
+                except KeyError:
+                    pass
+
     def forget_job(self, uid: str, namespace: str, name: str) -> None:
         self.job_phase(uid, None)
+        self.search(namespace, name, None)
         for key in EVAL_METRICS:
             try:
                 self.eval_metric.remove(namespace, name, key)

@@ -25,7 +25,8 @@ from rich.console import Console
 
 from tailor_operator.cli import main
 from tailor_operator.cli_commands import exit_code
-from tailor_operator.cli_display import PlainDisplay, progress_line, render_progress
+from tailor_operator.backends import local
+from tailor_operator.cli_display import MAX_TRIAL_ROWS, PlainDisplay, progress_line, render_progress
 from tailor_trainer.contract import ProgressDoc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -322,3 +323,72 @@ def test_plain_display_prints_stage_changes_at_once_and_training_every_few_secon
     assert lines == ["[prep]", progress_line(TRAINING), progress_line(_doc(**{**RAW, "step": 8})),
                      "[evaluate]  measuring"]
     assert lines[1] == "[train]  step 6/12 (50%)  loss 2.3456  2506 tok/s  ETA 1m15s"
+
+
+def _trial(i: int, state: str, steps: Optional[int], objective: Optional[float], lr: float, r: int) -> dict:
+    return {"id": f"t{i:02d}", "state": state, "steps": steps, "totalSteps": 40, "objective": objective,
+            "params": {"learningRate": lr, "lora.r": r}}
+
+
+SEARCH = {"trials": 6, "pending": 1, "running": 2, "completed": 2, "stopped": 1, "failed": 0, "objective": "valLoss",
+          "best": _trial(2, "completed", 40, 1.23451, 0.003, 8),
+          "table": [_trial(1, "stopped", 10, 2.9, 0.03, 16), _trial(2, "completed", 40, 1.23451, 0.003, 8),
+                    _trial(3, "completed", 40, 1.9, 0.0003, 8), _trial(4, "running", 20, 1.4, 0.003, 16),
+                    _trial(5, "running", 10, None, 0.0003, 16), _trial(6, "pending", None, None, 0.03, 8)]}
+
+
+def test_live_display_shows_the_search_and_its_trials() -> None:
+    console = Console(file=io.StringIO(), width=120, color_system=None, record=True)
+    console.print(render_progress(_doc(**{**RAW, "search": SEARCH}), elapsed=42.0))
+    text = console.export_text()
+    assert "step 6/12 (50%)" in text  # the progress bar stays
+    assert "3/6 done (2 running, 1 stopped)  best t02 valLoss 1.2345" in text
+    rows = {m.group(1): line for line in text.splitlines() if (m := re.match(r"^\s*\*?\s*(t0\d)\s", line))}
+    assert sorted(rows) == ["t01", "t02", "t03", "t04", "t05", "t06"]
+    assert re.search(r"\* t02\s+completed\s+40/40\s+1\.2345\s+learningRate=0\.003, lora\.r=8", rows["t02"])
+    assert re.search(r"t01\s+stopped\s+10/40\s+2\.9000\s+learningRate=0\.03, lora\.r=16", rows["t01"])
+    assert re.search(r"t06\s+pending\s+learningRate=0\.03, lora\.r=8", rows["t06"])
+    assert text.index("step 6/12") < text.index("valLoss") < text.index("t01")
+
+
+def test_live_display_of_a_large_search_keeps_the_running_and_best_trials() -> None:
+    table = [_trial(i, "stopped", 10, 3.0 + i, 0.01, 8) for i in range(1, 30)]
+    table += [_trial(30, "running", 5, None, 0.001, 8), _trial(31, "completed", 40, 0.5, 0.002, 8)]
+    search = {"trials": 31, "running": 1, "completed": 1, "stopped": 29, "objective": "valLoss",
+              "best": table[-1], "table": table}
+    console = Console(file=io.StringIO(), width=120, color_system=None, record=True)
+    console.print(render_progress(_doc(stage="train", search=search), elapsed=1.0))
+    text = console.export_text()
+    shown = re.findall(r"\bt(\d\d)\s+(?:stopped|running|completed)", text)
+    assert len(shown) == MAX_TRIAL_ROWS
+    assert {"30", "31", "01"} <= set(shown) and "29" not in shown
+    assert f"+{31 - MAX_TRIAL_ROWS} more" in text
+
+
+def test_plain_line_during_a_search() -> None:
+    line = progress_line(_doc(stage="train", search=SEARCH))
+    assert line == "[train]  search 3/6 done (2 running, 1 stopped)  best t02 valLoss 1.2345"
+    first = progress_line(_doc(stage="train", search={"trials": 6, "pending": 4, "running": 2}))
+    assert first == "[train]  search 0/6 done (2 running)"
+
+
+def test_run_prints_the_chosen_trial_after_the_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer replaced by a process that exits 0 at once, its progress document written as
+    a finished search run would leave it."""
+    final = {**SEARCH, "pending": 0, "running": 0, "completed": 4, "stopped": 2,
+             "best": _trial(3, "completed", 40, 1.234, 0.003, 8)}
+    doc = {"state": "Succeeded", "stage": "evaluate", "attempt": 1,
+           "result": {"metrics": {"loss": 1.25, "baseLoss": 2.5}, "artifacts": {"model": "m"}, "search": final}}
+
+    def fake_start(config: Any, workdir: Path, **_: Any) -> local.LocalRun:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "progress.json").write_text(json.dumps(doc))
+        process = subprocess.Popen([sys.executable, "-c", "pass"])
+        return local.LocalRun(workdir=workdir, process=process, log_path=workdir / "trainer.log")
+
+    monkeypatch.setattr(local, "start", fake_start)
+    result = CliRunner().invoke(main, ["run", str(_manifest(tmp_path))])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert out.index("metric") < out.index("search: 6 trials, 4 completed, 2 stopped early") < out.index("model:")
+    assert "chosen trial t03 (valLoss 1.2340, 40 steps): learningRate=0.003, lora.r=8" in out

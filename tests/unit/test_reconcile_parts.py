@@ -90,6 +90,15 @@ def test_progress_only_changes_are_rate_limited() -> None:
     assert write_decision(old, {**new, "phase": "Succeeded"}, 100.0, 100.5, 5.0) == (True, None)
 
 
+def test_search_counts_are_rate_limited_like_progress_but_its_first_appearance_is_not() -> None:
+    old = {"phase": "Running", "progress": {"step": 1}}
+    started = {**old, "search": {"summary": "0/6", "running": 2}}
+    later = {**old, "search": {"summary": "1/6", "running": 2, "completed": 1}}
+    assert write_decision(old, started, 100.0, 100.5, 5.0) == (True, None)  # goes with SearchStarted
+    assert write_decision(started, later, 100.0, 101.0, 5.0) == (False, 4.0)
+    assert write_decision(started, {**later, "phase": "Evaluating"}, 100.0, 101.0, 5.0) == (True, None)
+
+
 # ------------------------------------------------------------------------ observe folding
 
 def _pod(name: str, **status: object) -> dict:
@@ -438,6 +447,25 @@ def test_metrics_track_phases_without_double_counting() -> None:
     assert value("tailor_eval_metric", {"namespace": "ns", "finetunejob": "j", "metric": "loss"}) is None
     assert sys.modules["prometheus_client"].REGISTRY.get_sample_value("tailor_finetunejobs", {"phase": "Running"}) \
         is None  # nothing registered globally at import
+
+
+def test_search_trials_follow_the_current_search_and_go_with_the_job() -> None:
+    from prometheus_client import generate_latest
+
+    from tailor_operator.metrics import Metrics
+
+    m = Metrics()
+    value = m.registry.get_sample_value
+    labels = lambda state: {"namespace": "ns", "finetunejob": "j", "state": state}  # noqa: E731
+    m.search("ns", "j", {"pending": 2, "running": 2, "completed": 1, "stopped": 1, "failed": 0})
+    assert [value("tailor_search_trials", labels(s)) for s in ("pending", "running", "completed", "stopped",
+                                                                "failed")] == [2, 2, 1, 1, 0]
+    m.search("ns", "j", None)  # a new run without a search
+    assert value("tailor_search_trials", labels("running")) is None
+    m.search("ns", "j", {"running": 1})
+    m.forget_job("u1", "ns", "j")
+    assert value("tailor_search_trials", labels("running")) is None
+    assert "# TYPE tailor_search_trials gauge" in generate_latest(m.registry).decode()  # documented, no samples
 
 
 def _load_testenv():

@@ -474,6 +474,192 @@ class Hyperparameters(
 
 
 # ---------------------------------------------------------------------------------------------
+# Hyperparameter search
+
+
+class Range(
+    CamelModel,
+    json_schema_extra=with_cel(
+        cel(
+            "(has(self.logUniform) ? 1 : 0) + (has(self.uniform) ? 1 : 0) + (has(self.choices) ? 1 : 0) == 1",
+            "a search space sets exactly one of logUniform, uniform, choices",
+        ),
+        cel(
+            "!has(self.logUniform) || (self.logUniform[0] > 0.0 && self.logUniform[0] < self.logUniform[1])",
+            "logUniform is [low, high] with 0 < low < high",
+            ".logUniform",
+        ),
+        cel(
+            "!has(self.uniform) || self.uniform[0] < self.uniform[1]",
+            "uniform is [low, high] with low < high",
+            ".uniform",
+        ),
+    ),
+):
+    """One real-valued hyperparameter's search space: sampled log-uniformly or uniformly in
+    [low, high], or one of a list of values."""
+
+    log_uniform: Optional[list[float]] = Field(None, min_length=2, max_length=2)
+    """[low, high] sampled uniformly in log space (learning rates), 0 < low < high."""
+    uniform: Optional[list[float]] = Field(None, min_length=2, max_length=2)
+    """[low, high] sampled uniformly, low < high."""
+    choices: Optional[list[float]] = Field(None, min_length=1, max_length=32)
+    """Values to choose from."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Range":
+        kinds = [k for k in ("log_uniform", "uniform", "choices") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise FieldError("choices", "a search space sets exactly one of logUniform, uniform, choices")
+        if self.log_uniform is not None and not 0 < self.log_uniform[0] < self.log_uniform[1]:
+            raise FieldError("logUniform", "logUniform is [low, high] with 0 < low < high")
+        if self.uniform is not None and not self.uniform[0] < self.uniform[1]:
+            raise FieldError("uniform", "uniform is [low, high] with low < high")
+        return self
+
+    def values(self) -> list[float]:
+        """Every value the space can yield, as far as it is finite (the bounds of a range)."""
+        return list(self.choices or self.log_uniform or self.uniform or [])
+
+
+class IntChoices(CamelModel):
+    """An integer hyperparameter's search space: one of a list of values."""
+
+    choices: list[Annotated[int, Field(ge=1, le=4096)]] = Field(min_length=1, max_length=32)
+    """Values to choose from."""
+
+
+class LoraSpace(CamelModel):
+    """Search spaces of the LoRA settings (methods lora, dora, qlora)."""
+
+    r: Optional[IntChoices] = None
+    """Ranks to try."""
+    alpha: Optional[IntChoices] = None
+    """lora_alpha values to try."""
+    dropout: Optional[Range] = None
+    """Dropout on the LoRA path."""
+
+
+# The ranges the plain hyperparameters allow: (low test, high test, words, CEL condition on v).
+_SPACE_BOUNDS = {
+    "learningRate": (lambda v: v > 0, lambda v: v <= 1, "in (0, 1]", "v > 0.0 && v <= 1.0"),
+    "epochs": (lambda v: v > 0, lambda v: v <= 1000, "in (0, 1000]", "v > 0.0 && v <= 1000.0"),
+    "warmupRatio": (lambda v: v >= 0, lambda v: v < 1, "in [0, 1)", "v >= 0.0 && v < 1.0"),
+    "weightDecay": (lambda v: v >= 0, lambda v: v <= 10, "in [0, 10]", "v >= 0.0 && v <= 10.0"),
+    "lora.dropout": (lambda v: v >= 0, lambda v: v < 1, "in [0, 1)", "v >= 0.0 && v < 1.0"),
+}
+
+
+def _bounds_rule(wire: str) -> dict[str, Any]:
+    x = "self." + wire
+    values = f"(has({x}.choices) ? {x}.choices : has({x}.logUniform) ? {x}.logUniform : {x}.uniform)"
+    guard = f"!has({x})" if "." not in wire else f"!has(self.lora) || !has({x})"
+    return cel(f"{guard} || {values}.all(v, {_SPACE_BOUNDS[wire][3]})",
+               f"search.space.{wire} values must be {_SPACE_BOUNDS[wire][2]}", "." + wire)
+
+
+class SearchSpace(
+    CamelModel,
+    json_schema_extra=with_cel(
+        cel(
+            "has(self.learningRate) || has(self.batchSize) || has(self.epochs) || has(self.warmupRatio)"
+            " || has(self.weightDecay) || has(self.lora)",
+            "search.space names no hyperparameter: set at least one of learningRate, batchSize, epochs, "
+            "warmupRatio, weightDecay, lora",
+        ),
+        *[_bounds_rule(w) for w in _SPACE_BOUNDS],
+    ),
+):
+    """What the search varies; everything else comes from spec.hyperparameters and spec.adaptation.
+    Each trial draws one value per named parameter."""
+
+    learning_rate: Optional[Range] = None
+    """Peak learning rate, e.g. {logUniform: [1e-5, 1e-2]}."""
+    batch_size: Optional[IntChoices] = None
+    """Sequences per worker per step."""
+    epochs: Optional[Range] = None
+    """Passes over the training split (not with hyperparameters.maxSteps)."""
+    warmup_ratio: Optional[Range] = None
+    """Fraction of steps spent warming up, in [0, 1)."""
+    weight_decay: Optional[Range] = None
+    """AdamW weight decay."""
+    lora: Optional[LoraSpace] = None
+    """LoRA rank, alpha and dropout."""
+
+    @model_validator(mode="after")
+    def _something_and_in_bounds(self) -> "SearchSpace":
+        if not any(getattr(self, k) is not None for k in type(self).model_fields):
+            raise FieldError("learningRate", "search.space names no hyperparameter: set at least one of "
+                             "learningRate, batchSize, epochs, warmupRatio, weightDecay, lora")
+        spaces = [(self.learning_rate, "learningRate"), (self.epochs, "epochs"),
+                  (self.warmup_ratio, "warmupRatio"), (self.weight_decay, "weightDecay"),
+                  (self.lora.dropout if self.lora else None, "lora.dropout")]
+        for space, wire in spaces:
+            low, high, text, _ = _SPACE_BOUNDS[wire]
+            if space is not None and not all(low(v) and high(v) for v in space.values()):
+                raise FieldError(wire, f"search.space.{wire} values must be {text}")
+        return self
+
+
+class SearchScheduler(str, Enum):
+    """How hopeless trials are stopped."""
+
+    asha = "asha"
+    """Asynchronous successive halving: at each rung only the best 1/reductionFactor go on."""
+    fifo = "fifo"
+    """Every trial runs to its end."""
+
+
+class SearchObjective(str, Enum):
+    """What the search minimizes, measured on the validation split during training."""
+
+    val_loss = "valLoss"
+
+
+class Search(
+    CamelModel,
+    json_schema_extra=with_cel(
+        cel(
+            "!has(self.concurrentTrials) || self.concurrentTrials <= (has(self.trials) ? self.trials : 8)",
+            "concurrentTrials cannot exceed trials",
+            ".concurrentTrials",
+        ),
+    ),
+):
+    """A bounded hyperparameter search inside the run (Ray Tune): prep once, `trials` trainings with
+    values drawn from `space`, hopeless ones stopped early, and the best trial (lowest validation
+    loss) goes on to evaluation and promotion like a plain run's model."""
+
+    space: SearchSpace
+    """What to vary."""
+    trials: int = Field(8, ge=1, le=256)
+    """Trials in all. Defaults to 8."""
+    concurrent_trials: int = Field(1, ge=1, le=64)
+    """Trials trained at once, each with the run's resources.workers x gpusPerWorker. Defaults to 1."""
+    objective: SearchObjective = SearchObjective.val_loss
+    """What picks the best trial: validation loss (lower is better)."""
+    scheduler: SearchScheduler = SearchScheduler.asha
+    """asha (stop trials that are behind at each rung) or fifo (run every trial to the end)."""
+    grace_period_steps: Optional[int] = Field(None, ge=1, le=10_000_000)
+    """Steps every trial trains before ASHA may stop it. Defaults to the first validation."""
+    reduction_factor: int = Field(3, ge=2, le=10)
+    """ASHA keeps the best 1/reductionFactor of the trials at each rung. Defaults to 3."""
+    max_trial_steps: Optional[int] = Field(None, ge=1, le=10_000_000)
+    """Budget: no trial trains more optimizer steps than this (caps maxSteps / epochs)."""
+    max_gpu_hours: Optional[float] = Field(None, gt=0.0, le=100_000.0)
+    """Budget: the search stops starting and running trials once trials x their GPUs x wall time
+    reach this (on CPU, counted per worker as if each were one GPU)."""
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    """Seed of the search algorithm's draws (each trial trains with hyperparameters.seed)."""
+
+    @model_validator(mode="after")
+    def _concurrency(self) -> "Search":
+        if self.concurrent_trials > self.trials:
+            raise FieldError("concurrentTrials", "concurrentTrials cannot exceed trials")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -650,6 +836,28 @@ class ChampionRef(CamelModel):
     """Its metrics when promoted (for the report)."""
 
 
+SEARCH_LORA_NEEDS_LORA = "search.space.lora applies only to adaptation.method lora, dora or qlora"
+SEARCH_EPOCHS_NOT_WITH_MAX_STEPS = ("search.space.epochs cannot be combined with hyperparameters.maxSteps (they are "
+                                    "mutually exclusive); cap trials with search.maxTrialSteps instead")
+
+
+SEARCH_ONE_WORKER = ("search trains each trial on one worker (with resources.gpusPerWorker GPUs): set "
+                     "resources.workers to 1; trials run side by side with search.concurrentTrials")
+
+
+def check_search(search: Optional[Search], adaptation: Adaptation, hp: Hyperparameters, workers: int) -> None:
+    """The search's cross-field rules (twins of FineTuneJobSpec's CEL rules)."""
+    if search is None:
+        return
+    if workers != 1:
+        raise FieldError("resources.workers", SEARCH_ONE_WORKER)
+    if search.space.lora is not None and adaptation.method not in (AdaptationMethod.lora, AdaptationMethod.dora,
+                                                                   AdaptationMethod.qlora):
+        raise FieldError("search.space.lora", SEARCH_LORA_NEEDS_LORA)
+    if search.space.epochs is not None and hp.max_steps is not None:
+        raise FieldError("search.space.epochs", SEARCH_EPOCHS_NOT_WITH_MAX_STEPS)
+
+
 class TrainerConfig(CamelModel):
     """Everything the trainer needs for one run; rendered by the operator into config.json."""
 
@@ -668,14 +876,23 @@ class TrainerConfig(CamelModel):
     """Also save the adapter merged into the base model (a plain from_pretrained directory)."""
     progress: ProgressSink = Field(default_factory=ProgressSink)
     champion: Optional[ChampionRef] = None
+    search: Optional[Search] = None
+    """A hyperparameter search in the train stage (FineTuneJob spec.search)."""
 
     def config_hash(self) -> str:
         """Hash of what determines the result (run identity and sinks excluded), for lineage and
-        for deciding whether a finished stage can be reused."""
+        for deciding whether a finished stage can be reused. A config without a search hashes as
+        it did before searches existed."""
         body = self.model_dump(
-            by_alias=True, mode="json", exclude={"run", "progress", "champion", "output_uri"}
+            by_alias=True, mode="json",
+            exclude={"run", "progress", "champion", "output_uri"} | ({"search"} if self.search is None else set()),
         )
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+    @model_validator(mode="after")
+    def _search_fits(self) -> "TrainerConfig":
+        check_search(self.search, self.adaptation, self.hyperparameters, self.resources.workers)
+        return self
 
     @model_validator(mode="after")
     def _cpu_checks(self) -> "TrainerConfig":

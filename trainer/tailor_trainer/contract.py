@@ -100,6 +100,52 @@ class Gate(_Lenient):
     passed: Optional[bool] = None
 
 
+class Trial(_Lenient):
+    """One trial of a hyperparameter search (spec.search)."""
+
+    id: Optional[str] = None
+    """Stable within the run, e.g. "t03"."""
+    state: Optional[str] = None
+    """pending, running, completed (trained to its end, or its own early stopping), stopped (ended
+    early: by the scheduler, behind at a rung; by the maxGpuHours budget; or diverged), failed (an
+    error)."""
+    params: dict[str, float] = {}
+    """The drawn values, by spec name (learningRate, batchSize, epochs, warmupRatio, weightDecay,
+    lora.r, lora.alpha, lora.dropout)."""
+    steps: Optional[int] = None
+    """Optimizer steps trained."""
+    total_steps: Optional[int] = None
+    """Steps the trial would train if never stopped."""
+    objective: Optional[float] = None
+    """Best objective so far (lowest validation loss); null before the first validation and for a
+    diverged trial."""
+    history: list[list[float]] = []
+    """[step, objective] at validations (at most 32, evenly spaced, the last one kept), for the
+    report's trials plot."""
+    diverged: Optional[bool] = None
+    """True when the trial's loss became NaN/Inf (its state is stopped)."""
+
+
+class SearchSummary(_Lenient):
+    """Where a hyperparameter search stands: counts by state, the best trial, every trial."""
+
+    trials: Optional[int] = None
+    """Trials the search will run (spec.search.trials)."""
+    pending: int = 0
+    running: int = 0
+    completed: int = 0
+    stopped: int = 0
+    failed: int = 0
+    objective: Optional[str] = None
+    """What the trials are ranked by (valLoss: lower is better)."""
+    scheduler: Optional[str] = None
+    """asha or fifo (spec.search.scheduler)."""
+    best: Optional[Trial] = None
+    """The best trial so far (finished: the one whose model goes on to evaluate)."""
+    table: list[Trial] = []
+    """Every trial, by id."""
+
+
 class RunResult(_Lenient):
     """`evaluate/result.json`: the run's metrics, the champion's on the same rows, gates, artifacts."""
 
@@ -125,6 +171,8 @@ class RunResult(_Lenient):
     tokens_trained: Optional[float] = None
     train_tokens_per_second: Optional[float] = None
     duration_seconds: Optional[float] = None
+    search: Optional[SearchSummary] = None
+    """The hyperparameter search, when the run had one."""
 
     @field_validator("metrics", mode="before")
     @classmethod
@@ -152,6 +200,8 @@ class ProgressDoc(_Lenient):
     started_at: Optional[str] = None
     updated_at: Optional[str] = None
     finished_at: Optional[str] = None
+    search: Optional[SearchSummary] = None
+    """While (and after) a hyperparameter search runs: its trials."""
     result: Optional[RunResult] = None
     error: Optional[RunError] = None
 
@@ -186,4 +236,4 @@ def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 __all__ = ["ChampionResult", "Gate", "PROGRESS_FILE", "ProgressDoc", "RESULT_FILE", "RunError", "RunResult",
-           "STAGE_ORDER", "numeric_metrics"]
+           "STAGE_ORDER", "SearchSummary", "Trial", "numeric_metrics"]

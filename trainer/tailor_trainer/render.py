@@ -86,6 +86,94 @@ def loss_curve_png(rows: list[dict[str, Any]], width: float = 8.0, height: float
     return buf.getvalue()
 
 
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def search_pngs(search: dict[str, Any]) -> tuple[bytes, bytes]:
+    """A search's trials: validation loss against step per trial (the chosen one bold, stopped
+    ones dashed), and each searched parameter against the trial's objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table, best = search.get("table") or [], (search.get("best") or {}).get("id")
+    fig, ax = plt.subplots(figsize=(8.0, 3.6), dpi=110)
+    for t in table:
+        if not t.get("history"):
+            continue
+        xs, ys = zip(*t["history"])
+        chosen = t["id"] == best
+        ax.plot(xs, ys, marker="o" if chosen else ".", linewidth=2.2 if chosen else 1.0, markersize=4,
+                linestyle="-" if t.get("state") == "completed" else "--", alpha=1.0 if chosen else 0.7,
+                label=f"{t['id']} ({t.get('state')})" + (" chosen" if chosen else ""))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss")
+    ax.grid(True, color="#e3e6ee", linewidth=0.8)
+    if any(t.get("history") for t in table):
+        ax.legend(frameon=False, fontsize=7, loc="upper right", ncol=2)
+    curves = _png(fig)
+    names = sorted({k for t in table for k in (t.get("params") or {})})
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(2.6 * max(1, len(names)), 2.6), dpi=110,
+                             squeeze=False)
+    for ax, name in zip(axes[0], names):
+        pts = [(t["params"][name], t["objective"], t["id"] == best) for t in table
+               if name in (t.get("params") or {}) and t.get("objective") is not None]
+        if pts:
+            xs, ys, chosen = zip(*pts)
+            ax.scatter(xs, ys, c=["#e0663d" if c else "#2952cc" for c in chosen], s=22)
+            if min(xs) > 0 and max(xs) / min(xs) > 20:
+                ax.set_xscale("log")
+        ax.set_xlabel(name)
+        ax.set_ylabel("best validation loss")
+        ax.grid(True, color="#e3e6ee", linewidth=0.8)
+    return curves, _png(fig)
+
+
+def _search_section(search: dict[str, Any]) -> list[str]:
+    import base64 as b64
+
+    curves, params = search_pngs(search)
+    best = (search.get("best") or {}).get("id")
+    names = sorted({k for t in search.get("table") or [] for k in (t.get("params") or {})})
+    counts = ", ".join(f"{search.get(k, 0)} {k}" for k in ("completed", "stopped", "failed", "pending", "running")
+                       if search.get(k))
+    h = [f"<section><h2>Search</h2><p style='color:var(--mute);margin-top:-6px'>{search.get('trials')} trials "
+         f"({escape(counts)}); the trial with the lowest validation loss among those that trained to their "
+         f"end (marked ★) is the model evaluated here.</p>",
+         "<img alt='validation loss per trial' src='data:image/png;base64," + b64.b64encode(curves).decode() + "'>",
+         "<img alt='parameters against objective' src='data:image/png;base64," + b64.b64encode(params).decode()
+         + "'>",
+         "<table><tr><th>Trial</th>" + "".join(f"<th class=num>{escape(n)}</th>" for n in names)
+         + "<th class=num>Steps</th><th>State</th><th class=num>Validation loss</th></tr>"]
+    for t in search.get("table") or []:
+        p = t.get("params") or {}
+        state = t.get("state") or "–"
+        if t.get("diverged"):
+            state += " (diverged)"
+        h.append(f"<tr><td>{escape(str(t.get('id')))}{' ★' if t.get('id') == best else ''}</td>"
+                 + "".join(f"<td class=num>{_fmt(p.get(n))}</td>" for n in names)
+                 + f"<td class=num>{_fmt(t.get('steps'))} / {_fmt(t.get('totalSteps'))}</td><td>{escape(state)}</td>"
+                 f"<td class=num>{_fmt(t.get('objective'))}</td></tr>")
+    h.append("</table></section>")
+    return h
+
+
+def chosen_params(result: dict[str, Any]) -> Optional[str]:
+    """``learningRate 0.01, lora.r 8`` of the search's chosen trial, when the run searched."""
+    best = (result.get("search") or {}).get("best") or {}
+    if not best.get("params"):
+        return None
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(best["params"].items()))
+
+
 def _delta(tuned: Optional[float], base: Optional[float], higher_better: bool,
            points: bool = False) -> tuple[str, str]:
     """The change from base to tuned: relative, or in percentage points for rates."""
@@ -227,6 +315,9 @@ def report_html(cfg: TrainerConfig, result: dict[str, Any], samples: dict[str, A
                 h.append(f"<div class=pre style='margin-bottom:14px'>{escape(w.get('text', ''))}</div>")
         h.append("</section>")
 
+    if result.get("search"):
+        h += _search_section(result["search"])
+
     cv = samples.get("crossValidation")
     if cv:
         h.append("<section><h2>Cross-validation</h2><table><tr><th>Fold</th><th class=num>Held-out loss</th>"
@@ -245,6 +336,9 @@ def report_html(cfg: TrainerConfig, result: dict[str, Any], samples: dict[str, A
                ("Learning rate", f"{hp.learning_rate:g} ({hp.scheduler.value}, warmup {hp.warmup_ratio:g})"),
                ("Batch", f"{hp.batch_size} × {hp.gradient_accumulation_steps} accumulation × "
                          f"{cfg.resources.workers} worker(s)"),
+               *([("Search", f"trial {result['search']['best']['id']} of {result['search'].get('trials')}: "
+                             f"{chosen_params(result)} (overrides the values above)")]
+                 if chosen_params(result) else []),
                ("Stopped by", result.get("stoppedBy")), ("Model", result["artifacts"].get("model")),
                ("Merged model", result["artifacts"].get("mergedModel") or "–"),
                ("Duration", f"{_fmt(result.get('durationSeconds'))} s")]
@@ -312,4 +406,7 @@ def model_card(cfg: TrainerConfig, result: dict[str, Any], plan: dict[str, Any],
               f"{hp.learning_rate:g} ({hp.scheduler.value}), batch {hp.batch_size}×{hp.gradient_accumulation_steps}"
               f"×{cfg.resources.workers}, seed {hp.seed}, precision {hp.precision.value}",
               f"- stopped by: {result.get('stoppedBy')}", ""]
+    if chosen_params(result):
+        lines.insert(-1, f"- hyperparameter search: trial {result['search']['best']['id']} of "
+                         f"{result['search'].get('trials')} chosen by validation loss: {chosen_params(result)}")
     return "\n".join(lines)

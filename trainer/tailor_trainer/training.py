@@ -61,19 +61,23 @@ _CRASH_AFTER_ENV = "TAILOR_FAULT_EXIT_AFTER_CHECKPOINT"
 def fit(cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: list[dict], *,
         config_hash: str, train_dir: Optional[str] = None, threads: Optional[int] = None,
         progress: Optional[Callable[..., None]] = None, device: Any = None,
-        on_checkpoint: Optional[Callable[[], None]] = None) -> tuple[Any, dict[str, Any]]:
+        on_checkpoint: Optional[Callable[[], None]] = None,
+        on_validation: Optional[Callable[[int, float], None]] = None) -> tuple[Any, dict[str, Any]]:
     """Train on ``train_rows``; returns the (unwrapped) model and the outcome.
 
     With ``train_dir`` it checkpoints, resumes, logs ``metrics.jsonl`` and saves the final model
     there (the train stage); without, it only trains (a cross-validation fold). ``device``
     defaults to GPU ``LOCAL_RANK`` with ``gpusPerWorker``, else the CPU. ``on_checkpoint`` runs on
-    rank 0 after each checkpoint is complete (the train stage pushes it to remote output there).
+    rank 0 after each checkpoint is complete (the train stage pushes it to remote output there);
+    ``on_validation(step, val_loss)`` on rank 0 after each validation (a search trial reports it
+    to Ray Tune there, whose scheduler may end the trial).
     """
     device = pick_device(cfg, device, threads)
     if not train_rows:
         raise DataInvalid("the train split is empty", field="dataset")
     run = TrainingRun(cfg, model_dir, train_rows, val_rows, config_hash=config_hash, train_dir=train_dir,
-                      progress=progress, device=device, on_checkpoint=on_checkpoint)
+                      progress=progress, device=device, on_checkpoint=on_checkpoint,
+                      on_validation=on_validation)
     run.build_model()
     run.plan_schedule()
     run.resume()
@@ -114,11 +118,12 @@ class TrainingRun:
 
     def __init__(self, cfg: TrainerConfig, model_dir: str, train_rows: list[dict], val_rows: list[dict], *,
                  config_hash: str, train_dir: Optional[str], progress: Optional[Callable[..., None]],
-                 device: Any, on_checkpoint: Optional[Callable[[], None]]):
+                 device: Any, on_checkpoint: Optional[Callable[[], None]],
+                 on_validation: Optional[Callable[[int, float], None]] = None):
         self.cfg, self.hp, self.model_dir = cfg, cfg.hyperparameters, model_dir
         self.train_rows, self.val_rows = train_rows, val_rows
         self.config_hash, self.train_dir, self.device = config_hash, train_dir, device
-        self.progress, self.on_checkpoint = progress, on_checkpoint
+        self.progress, self.on_checkpoint, self.on_validation = progress, on_checkpoint, on_validation
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         self.world = dist.get_world_size() if distributed else 1
@@ -376,6 +381,8 @@ class TrainingRun:
             state["badEvals"] += 1
             if es is not None and state["badEvals"] >= es.patience:
                 self.status = "earlyStopped"
+        if self.on_validation is not None and self.lead:
+            self.on_validation(self.step, val)
 
     def validation_loss(self) -> Optional[float]:
         val_rows, model, world, fsdp = self.val_rows, self.model, self.world, self.fsdp

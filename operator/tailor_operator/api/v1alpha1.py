@@ -32,6 +32,9 @@ from tailor_trainer._base import (
 from tailor_trainer.config import (
     FSDP_NEEDS_WORKERS,
     QLORA_NOT_WITH_FSDP,
+    SEARCH_EPOCHS_NOT_WITH_MAX_STEPS,
+    SEARCH_LORA_NEEDS_LORA,
+    SEARCH_ONE_WORKER,
     Adaptation,
     AdaptationMethod,
     DataSpec,
@@ -39,7 +42,9 @@ from tailor_trainer.config import (
     Hyperparameters,
     Metric,
     ModelSource,
+    Search,
     Strategy,
+    check_search,
 )
 
 GROUP = "tailor.dev"
@@ -349,6 +354,23 @@ class FineTuneJobSpec(
             QLORA_NOT_WITH_FSDP,
             ".resources.strategy",
         ),
+        cel(
+            "!has(self.search) || !has(self.search.space.lora) || !has(self.adaptation)"
+            " || !has(self.adaptation.method) || self.adaptation.method in ['lora', 'dora', 'qlora']",
+            SEARCH_LORA_NEEDS_LORA,
+            ".search.space.lora",
+        ),
+        cel(
+            "!has(self.search) || !has(self.search.space.epochs) || !has(self.hyperparameters)"
+            " || !has(self.hyperparameters.maxSteps)",
+            SEARCH_EPOCHS_NOT_WITH_MAX_STEPS,
+            ".search.space.epochs",
+        ),
+        cel(
+            "!has(self.search) || !has(self.resources) || !has(self.resources.workers) || self.resources.workers == 1",
+            SEARCH_ONE_WORKER,
+            ".resources.workers",
+        ),
         # Transition rule (no Python twin: it needs the old object). Runs of the old backend would
         # be orphaned by a change; see docs/operator.md "Spec changes while a run is active".
         cel(
@@ -397,6 +419,15 @@ class FineTuneJobSpec(
     FineTuneJob and its artifacts stay."""
     queue_name: Optional[K8sLabel] = None
     """Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on the RayJob."""
+    search: Optional[Search] = None
+    """A bounded hyperparameter search inside the run (Ray Tune): trials with values drawn from
+    search.space, hopeless ones stopped early (ASHA), the best one evaluated and promoted like a
+    plain run's model. Off by default."""
+
+    @model_validator(mode="after")
+    def _search_fits(self) -> "FineTuneJobSpec":
+        check_search(self.search, self.adaptation, self.hyperparameters, self.resources.workers)
+        return self
 
     @model_validator(mode="after")
     def _qlora_needs_gpu(self) -> "FineTuneJobSpec":
@@ -539,6 +570,43 @@ class JobError(CamelModel):
     """Spec field at fault, when one is."""
 
 
+class SearchBest(CamelModel):
+    """The best trial of a hyperparameter search (when the run finished: the chosen one)."""
+
+    trial: Optional[ShortStr] = None
+    """Trial id, e.g. t03."""
+    params: dict[str, float] = Field(default_factory=dict)
+    """The values it trained with, by spec name (learningRate, lora.r, ...)."""
+    objective: Optional[float] = None
+    """Its objective (validation loss: lower is better)."""
+    steps: Optional[int] = None
+    """Optimizer steps it trained."""
+
+
+class SearchStatus(CamelModel):
+    """Where the current run's hyperparameter search (spec.search) stands."""
+
+    summary: Optional[ShortStr] = None
+    """Short form for `kubectl get -o wide`: finished trials / planned trials, e.g. "4/6"."""
+    trials: Optional[int] = None
+    """Trials the search runs in all."""
+    pending: int = 0
+    """Trials not started yet."""
+    running: int = 0
+    """Trials training now."""
+    completed: int = 0
+    """Trials that trained to their end."""
+    stopped: int = 0
+    """Trials stopped early: by the scheduler (behind at a rung), by the maxGpuHours budget, or
+    because they diverged."""
+    failed: int = 0
+    """Trials that failed."""
+    objective: Optional[ShortStr] = None
+    """What trials are ranked by (valLoss: lower is better)."""
+    best: Optional[SearchBest] = None
+    """The best trial so far; once the run finished, the one whose model was evaluated."""
+
+
 class FineTuneJobStatus(CamelModel):
     """Observed state. Written by the operator only."""
 
@@ -550,6 +618,8 @@ class FineTuneJobStatus(CamelModel):
     """DataValidated, ModelChecked, Running, Retrying, Evaluated, Promoted, Failed, Suspended."""
     progress: Optional[Progress] = None
     """Training progress of the current run."""
+    search: Optional[SearchStatus] = None
+    """The current run's hyperparameter search (spec.search): trials by state and the best one."""
     metrics: Optional[EvalMetrics] = None
     """Held-out metrics of the last evaluated run."""
     current_run: Optional[str] = None

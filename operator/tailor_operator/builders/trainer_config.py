@@ -102,4 +102,5 @@ def build_trainer_config(
         merged_model=spec.output.merged_model,
         progress=sink,
         champion=champion,
+        search=spec.search,
     )

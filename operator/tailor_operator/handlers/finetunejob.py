@@ -38,6 +38,7 @@ from tailor_operator.reconcile.plan import (
     StopRun,
 )
 from tailor_operator.reconcile.policy import path_allowed
+from tailor_operator.reconcile.search import TRIAL_STATES
 from tailor_operator.reconcile.status import status_body, write_decision
 
 logger = logging.getLogger("tailor.finetunejob")
@@ -66,6 +67,8 @@ def sync_job(ctx: Context, namespace: str, name: str) -> Optional[float]:
             plan.events.append(access_created_event(ctx.settings.trainer_service_account, created))
         _apply(ctx, job, body, plan, observed)
         ctx.metrics.job_phase(job.metadata.uid or name, plan.status.phase.value)
+        search = plan.status.search
+        ctx.metrics.search(namespace, name, search.model_dump(include=set(TRIAL_STATES)) if search else None)
         if delay is not None:
             ctx.metrics.status_writes_deferred.labels("FineTuneJob").inc()
         delays = [x for x in (plan.requeue_after, delay) if x is not None]

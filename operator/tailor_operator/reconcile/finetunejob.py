@@ -63,6 +63,7 @@ from tailor_operator.reconcile.plan import (
 )
 from tailor_operator.reconcile.policy import check_job_policy
 from tailor_operator.reconcile.promotion import decide
+from tailor_operator.reconcile.search import finished_message, search_status, started_message
 from tailor_operator.reconcile.semantic import check_target_modules
 from tailor_operator.reconcile.settings import OperatorSettings
 from tailor_trainer.config import ChampionRef
@@ -152,6 +153,7 @@ def _adopt(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObserved, plan:
     st.start_time = o.created_at or st.start_time
     st.completion_time = None
     st.stage, st.progress, st.metrics, st.artifacts, st.error = None, None, None, None, None
+    st.search = None
     st.observed_generation = job.metadata.generation
     st.phase = Phase.queued
     plan.events.append(Event("Normal", "Adopted", f"found run {o.run} (attempt {o.attempt}) created before "
@@ -273,6 +275,7 @@ def _drive_run(job: FineTuneJob, st: FineTuneJobStatus, obs: Optional[RunObserva
         plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
     elif obs.state is RunState.running:
         _fold_progress(st, obs.progress)
+        _fold_search(job, st, obs.progress, plan)
         stalled = _stalled(spec, st, obs, now)
         if stalled is not None:
             _attempt_failed(job, st, obs, settings, now, plan, attempt, reason="ProgressDeadlineExceeded",
@@ -470,6 +473,7 @@ def _maybe_start_run(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObser
     st.start_time = now
     st.completion_time = None
     st.stage, st.progress, st.metrics, st.artifacts, st.error = None, None, None, None, None
+    st.search = None
     st.observed_generation = generation
     st.conditions = [c for c in st.conditions if c.type not in ("Failed", "Retrying", "Evaluated")]
     _start(job, st, run, 1, observed, settings, now, plan)
@@ -615,6 +619,16 @@ def _fold_progress(st: FineTuneJobStatus, doc: Optional[ProgressDoc]) -> None:
     )
 
 
+def _fold_search(job: FineTuneJob, st: FineTuneJobStatus, doc: Optional[ProgressDoc], plan: JobPlan) -> None:
+    """status.search from the progress document; SearchStarted the first time a run shows one."""
+    if doc is None or doc.search is None:
+        return
+    first = st.search is None
+    st.search = search_status(doc.search, job.spec.search)
+    if first:
+        plan.events.append(Event("Normal", "SearchStarted", started_message(st.search, job.spec.search)))
+
+
 _METRIC_KEYS = {f.alias or name for name, f in EvalMetrics.model_fields.items()}
 _ARTIFACT_KEYS = {f.alias or name for name, f in Artifacts.model_fields.items()}
 
@@ -631,6 +645,12 @@ def _finish(job: FineTuneJob, st: FineTuneJobStatus, obs: Optional[RunObservatio
         artifacts = {k: v for k, v in result.artifacts.items() if k in _ARTIFACT_KEYS and v}
         artifacts.setdefault("result", f"{run_output_uri(job, run)}/evaluate/{RESULT_FILE}")
         st.artifacts = Artifacts.model_validate(artifacts)
+    summary = (result.search if result is not None else None) or (
+        obs.progress.search if obs is not None and obs.progress is not None else None)
+    if summary is not None:
+        st.search = search_status(summary, job.spec.search)
+        if result is not None and result.search is not None:  # the search ran to its end
+            plan.events.append(Event("Normal", "SearchFinished", finished_message(st.search)))
     cl = job.spec.continuous_learning
     entry = HistoryEntry(run=run, phase=Phase.succeeded if succeeded else Phase.failed,
                          dataset_revision=st.dataset_revision, metrics=metrics, completion_time=now)

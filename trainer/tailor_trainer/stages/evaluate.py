@@ -328,6 +328,8 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         "steps": train_manifest.get("steps"), "tokensTrained": train_manifest.get("tokensTrained"),
         "trainTokensPerSecond": train_manifest.get("tokensPerSecond"),
         "stoppedBy": train_manifest.get("status"),
+        # the trials, when the train stage ran a search (absent otherwise)
+        **({"search": train_manifest["search"]} if train_manifest.get("search") else {}),
         "durationSeconds": round(total_duration + time.monotonic() - started, 1),
     }
     samples = {

@@ -11,6 +11,9 @@ Where it runs:
 Files (docs/stage-contracts.md): ``train/checkpoints/step-N/`` (written to a temporary name, then
 renamed, with a manifest), ``train/metrics.jsonl``, ``train/model/`` (adapter or full model) and,
 with ``mergedModel``, ``train/merged/``; the manifest is the outcome of ``fit`` plus file names.
+
+With ``search``: Ray Tune trials of the same recipe (``tailor_trainer.search``), each in
+``train/trials/<id>/``; the best one's model becomes ``train/model``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from tailor_trainer.checkpoints import CHECKPOINTS, list_checkpoints
 from tailor_trainer.config import AdaptationMethod, TrainerConfig
 from tailor_trainer.errors import Diverged, InvalidSpec, StageError, TrainingFailed
 from tailor_trainer.runtime import ensure_ray, stage_error_in, start_relay, use_local_mode
+from tailor_trainer.search import run_search
 from tailor_trainer.stages.base import StageContext
 from tailor_trainer.training import fit
 
@@ -101,6 +105,8 @@ def run_train(ctx: StageContext) -> dict[str, Any]:
                           "shared by all packed examples); set hyperparameters.packing false",
                           field="spec.hyperparameters.packing")
     train_dir = ctx.stage_dir("train")
+    if cfg.search is not None:  # trials over the same recipe, as Ray Tune trials (search.py)
+        return run_search(cfg, ctx.run_dir, ctx.base_model_dir(), progress=ctx.progress, mirror=ctx.mirror)
     res = cfg.resources
     local = use_local_mode(cfg)
     job: dict[str, Any] = {
