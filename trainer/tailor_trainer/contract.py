@@ -17,10 +17,10 @@ Standard library and pydantic only, like config.py: the operator imports this mo
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import (BaseModel, ConfigDict, ValidationError, ValidationInfo, ValidatorFunctionWrapHandler,
-                      field_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo,
+                      ValidatorFunctionWrapHandler, field_validator)
 from pydantic.alias_generators import to_camel
 
 STAGE_ORDER: tuple[str, ...] = ("prep", "adapt", "train", "evaluate")
@@ -32,8 +32,6 @@ run's progress ConfigMap (kuberay backend)."""
 
 RESULT_FILE = "result.json"
 """The run result, in the evaluate stage's directory (`<run>/evaluate/result.json`)."""
-
-RunStateName = Literal["Running", "Succeeded", "Failed"]
 
 
 def _number(value: Any) -> Optional[float]:
@@ -79,17 +77,17 @@ class RunError(_Lenient):
     field: Optional[str] = None
 
 
+Metrics = Annotated[dict[str, float],
+                    BeforeValidator(lambda v: numeric_metrics(v) if isinstance(v, dict) else v)]
+"""Metric name -> value; null and non-numeric entries are dropped on read."""
+
+
 class ChampionResult(_Lenient):
     """The current champion re-scored by this run on the same rows."""
 
     run: Optional[str] = None
-    metrics: dict[str, float] = {}
-    promoted_metrics: Optional[dict[str, float]] = None
-
-    @field_validator("metrics", "promoted_metrics", mode="before")
-    @classmethod
-    def _numbers_only(cls, value: Any) -> Any:
-        return numeric_metrics(value) if isinstance(value, dict) else value
+    metrics: Metrics = {}
+    promoted_metrics: Optional[Metrics] = None
 
 
 class Gate(_Lenient):
@@ -157,7 +155,7 @@ class RunResult(_Lenient):
     config_hash: Optional[str] = None
     base_model: Optional[str] = None
     method: Optional[str] = None
-    metrics: dict[str, float] = {}
+    metrics: Metrics = {}
     """Numeric metrics only (null and non-numeric entries are dropped on read)."""
     champion: Optional[ChampionResult] = None
     gates: list[Gate] = []
@@ -173,11 +171,6 @@ class RunResult(_Lenient):
     duration_seconds: Optional[float] = None
     search: Optional[SearchSummary] = None
     """The hyperparameter search, when the run had one."""
-
-    @field_validator("metrics", mode="before")
-    @classmethod
-    def _numbers_only(cls, value: Any) -> Any:
-        return numeric_metrics(value) if isinstance(value, dict) else value
 
 
 class ProgressDoc(_Lenient):
