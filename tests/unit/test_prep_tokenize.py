@@ -161,4 +161,5 @@ def test_packing_restarts_positions_per_document(tok, tmp_path):
             if k > 0:
                 assert s["labels"][a] == IGNORE_INDEX
             rebuilt.append(s["input_ids"][a:b])
-    assert rebuilt == [d["input_ids"] for d in docs]  # same documents, same order, nothing lost
+    # the same documents, nothing lost (best-fit decreasing places them longest first)
+    assert sorted(rebuilt) == sorted(d["input_ids"] for d in docs)

@@ -393,6 +393,25 @@ class Overlong(str, Enum):
     drop = "drop"
 
 
+class FusedLoss(str, Enum):
+    """How the training loss is computed from the last hidden states (see Hyperparameters.fused_loss)."""
+
+    auto = "auto"
+    none = "none"
+    chunked = "chunked"
+    liger = "liger"
+
+
+class Attention(str, Enum):
+    """The attention kernel (transformers' ``attn_implementation``)."""
+
+    auto = "auto"
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+    flex_attention = "flex_attention"
+
+
 class EarlyStopping(CamelModel):
     """Stop when validation loss stops improving."""
 
@@ -400,6 +419,10 @@ class EarlyStopping(CamelModel):
     """Evaluations without improvement before stopping. Defaults to 3."""
     min_delta: float = Field(0.0, ge=0.0)
     """Smallest decrease in validation loss that counts as improvement. Defaults to 0."""
+
+
+SPEED_LEVERS = ("fused_loss", "compile", "attention")
+"""Hyperparameters that change speed and memory, not the result (within rounding)."""
 
 
 class Hyperparameters(
@@ -440,7 +463,28 @@ class Hyperparameters(
     """What to do with rows longer than maxSeqLength: truncate or drop (counted either way).
     Defaults to truncate."""
     packing: bool = False
-    """Pack several short rows into one sequence (attention never crosses rows). Defaults to false."""
+    """Pack several short rows into one sequence of at most maxSeqLength tokens (best-fit
+    decreasing, so little room is left for padding; attention never crosses rows). Defaults to
+    false."""
+    fused_loss: FusedLoss = FusedLoss.auto
+    """How the loss is computed from the last hidden states: none (the model's full logits, as
+    float32, for every position), chunked (lm_head and cross-entropy over chunks of the labelled
+    positions, recomputed in the backward pass: the full-vocabulary logits never exist at once)
+    or liger (Liger Kernel's fused linear cross-entropy; needs a CUDA GPU and the liger-kernel
+    package, else chunked). auto: liger on a GPU when installed, else chunked (on the CPU too,
+    where skipping unlabelled positions pays for the recomputation). Models whose logits are
+    more than lm_head of the hidden states (soft-capping, logit scales) and prefix tuning always
+    use none. Defaults to auto."""
+    compile: Optional[bool] = None
+    """Compile each transformer block with torch.compile (the blocks, not the whole model: faster
+    steps after a compile of seconds to minutes). Unset (auto): on with a CUDA GPU, off on the CPU,
+    where compiling takes longer than a short run saves. Falls back to uncompiled blocks, with a
+    logged reason, where compiling is not possible."""
+    attention: Attention = Attention.auto
+    """Attention kernel: sdpa, eager, flash_attention_2 (needs the flash-attn package and a GPU)
+    or flex_attention. With flash_attention_2 or flex_attention each micro-batch is one padding-free
+    sequence whose documents attend only within themselves. auto: flash_attention_2 on a GPU when
+    flash-attn is installed, else sdpa. Defaults to auto."""
     precision: Precision = Precision.auto
     """Numeric precision: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16."""
     gradient_checkpointing: bool = False
@@ -882,11 +926,13 @@ class TrainerConfig(CamelModel):
     def config_hash(self) -> str:
         """Hash of what determines the result (run identity and sinks excluded), for lineage and
         for deciding whether a finished stage can be reused. A config without a search hashes as
-        it did before searches existed."""
-        body = self.model_dump(
-            by_alias=True, mode="json",
-            exclude={"run", "progress", "champion", "output_uri"} | ({"search"} if self.search is None else set()),
-        )
+        it did before searches existed; the speed levers (SPEED_LEVERS) are left out: they change
+        how fast, not what, a run computes, so a run may resume with them changed."""
+        exclude: dict[str, Any] = {k: True for k in ("run", "progress", "champion", "output_uri")}
+        if self.search is None:
+            exclude["search"] = True
+        exclude["hyperparameters"] = set(SPEED_LEVERS)
+        body = self.model_dump(by_alias=True, mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
     @model_validator(mode="after")

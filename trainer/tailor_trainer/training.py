@@ -7,6 +7,12 @@ accumulated micro-batches (stopping on a NaN/Inf loss), log, validate (early sto
 checkpoint — and save. :class:`TrainingRun` holds the state those steps share; each step is one
 of its methods.
 
+Speed (issue 14; each lever a hyperparameter, recorded in the outcome's ``speed``): the loss
+comes from the last hidden states without full-vocabulary logits (``loss.py``), transformer
+blocks may be compiled and the attention kernel chosen (``acceleration.py``), varlen kernels get
+padding-free micro-batches, and a step's loss and gradient norm stay on the device until a
+:meth:`TrainingRun.flush` (at most a second later, and before every validation and checkpoint).
+
 Distributed: DDP (``DistributedDataParallel``) or, with ``resources.strategy`` fsdp, PyTorch
 FSDP2 (``fully_shard``, one shard group per transformer block; helpers in ``fsdp.py``); fp16 on
 a GPU uses a ``GradScaler``. Files, with a ``train_dir`` (docs/stage-contracts.md):
@@ -32,7 +38,8 @@ import torch
 import torch.distributed as dist
 
 from tailor_trainer import adaptation
-from tailor_trainer.batches import amp_context, as_tensors, collate, epoch_order, token_losses
+from tailor_trainer.acceleration import compile_blocks, lora_inputs_uncast, resolve_attention, resolve_compile
+from tailor_trainer.batches import amp_context, as_tensors, collate, epoch_order, to_device
 from tailor_trainer.checkpoints import (
     CHECKPOINTS,
     Resumable,
@@ -47,11 +54,18 @@ from tailor_trainer.checkpoints import (
 from tailor_trainer.config import AdaptationMethod, Precision, Strategy, TrainerConfig
 from tailor_trainer.errors import DataInvalid, InvalidSpec
 from tailor_trainer.fsdp import gather_trainable, load_sharded, shard_model
+from tailor_trainer.loss import LossModel, resolve_fused_loss
 
 # Early stopping's best trainable weights so far, kept in each checkpoint while early stopping is on.
 BEST_FILE = "best.safetensors"
 # Test-only fault injection: the process dies right after writing this checkpoint step.
 _CRASH_AFTER_ENV = "TAILOR_FAULT_EXIT_AFTER_CHECKPOINT"
+# Per-step figures stay on the device and reach the host (metrics.jsonl, progress, divergence)
+# at the latest after this many seconds, and at every validation, checkpoint and the last step.
+# Benches set TAILOR_FLUSH_SECONDS=0 (read when a run starts) to measure the old way: one host
+# sync per step.
+FLUSH_SECONDS = 1.0
+_FLUSH_ENV = "TAILOR_FLUSH_SECONDS"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +178,10 @@ class TrainingRun:
         base_config = getattr(model, "config", None)
         if base_config is not None:
             base_config.use_cache = False
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.attention = resolve_attention(hp.attention, inner, device)
+        # varlen kernels keep documents apart in one padding-free sequence per micro-batch
+        self.flatten = self.attention in ("flash_attention_2", "flex_attention")
         self.pad_id = next((v for v in (getattr(base_config, "pad_token_id", None),
                                         getattr(base_config, "eos_token_id", None)) if isinstance(v, int)), 0)
         if hp.gradient_checkpointing:
@@ -174,9 +192,16 @@ class TrainingRun:
                                   field="spec.hyperparameters.gradientCheckpointing")
             # non-reentrant: works with frozen inputs (PEFT), DDP, FSDP2, and replays dropout's RNG
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # exact under autocast; before compiling, which traces the flag
+        self.lora_uncast = lora_inputs_uncast(model, dtype) > 0
+        self.compiled, self.compile_note = resolve_compile(hp.compile, cfg, device)
+        if self.compiled:  # the blocks, in place (parameter names unchanged), before FSDP wraps them
+            self.compiled = compile_blocks(model) > 0
+        self.loss_mode, self.loss_note = resolve_fused_loss(hp.fused_loss, model, device)
         if self.fsdp:
             shard_model(model, device.type, self.world)  # before the optimizer: it must hold the sharded parameters
         self.model = model
+        self.loss_model = LossModel(model, self.loss_mode, self.amp)
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     # -- 2. Schedule: micro-batches per epoch per rank, optimizer steps, warmup; the optimizer.
@@ -196,7 +221,7 @@ class TrainingRun:
         no_decay = [p for n, p in self.params if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.learning_rate, fused=device.type == "cuda")
+            lr=hp.learning_rate, fused=True)
         # fp16 on a GPU needs loss scaling; a skipped (overflowing) step is then normal, not divergence.
         self.scaler = (torch.amp.GradScaler("cuda") if (self.dtype == torch.float16 and device.type == "cuda")
                        else None)
@@ -253,11 +278,13 @@ class TrainingRun:
     def start(self) -> None:
         """Wrap for DDP, tensorize the rows, take the best weights a resume carries, start the clocks."""
         model, device = self.model, self.device
-        self.ddp = model
+        # DDP synchronizes gradients through its module's forward: the model and its loss, as one
+        self.ddp = self.loss_model
         if self.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.ddp = DistributedDataParallel(self.loss_model,
+                                               device_ids=[device.index] if device.type == "cuda" else None)
         self.tensors = [as_tensors(r) for r in self.train_rows]
         if self.found is not None and BEST_FILE in self.found.files:
             from safetensors.torch import load_file
@@ -270,6 +297,12 @@ class TrainingRun:
         self.first_step: Optional[tuple[float, int]] = None
         self.steady_end: Optional[tuple[float, int]] = None
         self.last_progress = 0.0
+        # (step, learning rate, time, device tensor [loss sum, label tokens, tokens, padded tokens,
+        # grad norm]) of the steps taken since the last flush
+        self.pending: list[tuple[int, float, float, Any]] = []
+        self.last_flush = time.monotonic()
+        self.flush_seconds = float(os.environ.get(_FLUSH_ENV, FLUSH_SECONDS))
+        self.real_tokens = self.padded_tokens = 0
         model.train()
         self.report(force=True)
 
@@ -280,68 +313,93 @@ class TrainingRun:
         order = epoch_order(len(self.tensors), epoch, hp.seed, self.world, self.rank)
         micro = [order[i:i + hp.batch_size] for i in range(0, len(order), hp.batch_size)]
         for first in range(offset * hp.gradient_accumulation_steps, len(micro), hp.gradient_accumulation_steps):
-            yield [collate([self.tensors[j] for j in mb], self.pad_id, self.device)
+            yield [collate([self.tensors[j] for j in mb], self.pad_id, self.device, flatten=self.flatten,
+                           flash=self.attention == "flash_attention_2")
                    for mb in micro[first:first + hp.gradient_accumulation_steps]]
 
     def train_step(self, group: list[dict[str, Any]]) -> bool:
-        """One optimizer step over the accumulated micro-batches, logged to ``metrics.jsonl``.
-        False when the loss (or, without loss scaling, the gradient norm) is not finite: then no
-        step is taken and the run is diverged."""
-        model, optimizer, scaler, world = self.model, self.optimizer, self.scaler, self.world
+        """One optimizer step over the accumulated micro-batches. Its loss and gradient norm stay
+        on the device (no host sync per step) until :meth:`flush`; a non-finite loss (or, without
+        loss scaling, gradient norm) makes the fused AdamW skip the update on the device, and the
+        next flush stops the run as diverged. False when the run has stopped."""
+        optimizer, scaler, world = self.optimizer, self.scaler, self.world
         label_tokens = max(1, sum(b["label_tokens"] for b in group))
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for k, batch in enumerate(group):
             if self.fsdp:
-                model.set_requires_gradient_sync(k == len(group) - 1)
+                self.model.set_requires_gradient_sync(k == len(group) - 1)
                 sync = nullcontext()
             else:
                 sync = self.ddp.no_sync() if (world > 1 and k < len(group) - 1) else nullcontext()
             with sync:
-                loss, _ = token_losses(self.ddp, batch, self.amp)
-                loss_sum = loss.sum()
-                scaled = loss_sum / label_tokens
+                loss = self.ddp(batch)
+                scaled = loss / label_tokens
                 (scaler.scale(scaled) if scaler else scaled).backward()
-            sums[0] += loss_sum.detach().double()
-            sums[1] += batch["label_tokens"]
-            sums[2] += batch["tokens"]
+            loss_sum += loss.detach().double()
+        counts = [sum(b[key] for b in group) for key in ("label_tokens", "tokens", "padded_tokens")]
+        stats = torch.cat([loss_sum.reshape(1), to_device(torch.tensor(counts, dtype=torch.float64), self.device)])
         if world > 1:
-            dist.all_reduce(sums)
-        step_loss = float(sums[0] / sums[1]) if sums[1] > 0 else 0.0
+            dist.all_reduce(stats)
         if scaler:
             scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.hp.max_grad_norm)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if not math.isfinite(step_loss) or (scaler is None and not math.isfinite(grad_norm)):
-            self.status = "diverged"
-            self.diverged_value = step_loss if not math.isfinite(step_loss) else grad_norm
-            optimizer.zero_grad(set_to_none=True)
-            return False
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         if scaler:
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # skips a step whose gradients overflowed: normal with fp16
             scaler.update()
         else:
+            optimizer.found_inf = (~(torch.isfinite(stats[0]) & torch.isfinite(norm))).float()
             optimizer.step()
+            del optimizer.found_inf
         self.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         self.state["step"] += 1
-        self.state["tokens"] += int(sums[2])
-        self.steady_end = (time.monotonic(), self.state["tokens"])
-        self.last_loss = round(step_loss, 6)
-        self._log_step(step_loss, grad_norm)
-        return True
+        self.pending.append((self.step, self.scheduler.get_last_lr()[0], time.monotonic(),
+                             torch.cat([stats, norm.detach().double().reshape(1)])))
+        # the first step is flushed at once: the steady-state clock starts when it has finished
+        if (self.first_step is None or time.monotonic() - self.last_flush >= self.flush_seconds
+                or self.step >= self.total_steps or self.step % self.eval_every == 0 or self.checkpoint_due()):
+            self.flush()
+        return self.status == "completed"
 
-    def _log_step(self, step_loss: float, grad_norm: float) -> None:
+    def flush(self) -> None:
+        """Bring the pending steps' figures to the host (one sync): log them, count their tokens,
+        and stop the run as diverged at the first non-finite one (its update was skipped)."""
+        if not self.pending:
+            return
+        values = torch.stack([p[3] for p in self.pending]).tolist()
+        pending, self.pending = self.pending, []
+        self.last_flush = time.monotonic()
+        # On a GPU the host runs ahead of the device: the last pending step has finished only by
+        # now (the sync above), so that is its time, for honest steady-state tokens/s.
+        last = pending[-1]
+        pending[-1] = (last[0], last[1], self.last_flush, last[3])
+        for (step, lr, at, _), (loss_sum, labels, tokens, padded, grad_norm) in zip(pending, values):
+            step_loss = loss_sum / labels if labels > 0 else 0.0
+            if not math.isfinite(step_loss) or (self.scaler is None and not math.isfinite(grad_norm)):
+                self.status = "diverged"
+                self.diverged_value = step_loss if not math.isfinite(step_loss) else grad_norm
+                self.state["step"] = step - 1  # the steps after it are discarded with the run
+                return
+            self.state["tokens"] += int(tokens)
+            self.real_tokens += int(tokens)
+            self.padded_tokens += int(padded)
+            self.steady_end = (at, self.state["tokens"])
+            self.last_loss = round(step_loss, 6)
+            self._log_step(step, lr, at, step_loss, grad_norm)
+
+    def _log_step(self, step: int, lr: float, at: float, step_loss: float, grad_norm: float) -> None:
         if self.metrics_file:
-            elapsed = time.monotonic() - self.t_start
+            elapsed = at - self.t_start
             self._log({
-                "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
-                "loss": step_loss, "learningRate": self.scheduler.get_last_lr()[0], "gradNorm": grad_norm,
+                "step": step, "epoch": round(step / self.steps_per_epoch, 4),
+                "loss": step_loss, "learningRate": lr, "gradNorm": grad_norm,
                 "tokens": self.state["tokens"],
                 "tokensPerSecond": (self.state["tokens"] - self.tokens_at_start) / elapsed if elapsed else None,
                 "cpuSeconds": round(time.process_time() - self.cpu_start, 4),
             })
         if self.first_step is None:  # steady-state throughput leaves out the warm-up step
-            self.first_step = (time.monotonic(), self.state["tokens"])
+            self.first_step = (at, self.state["tokens"])
 
     def _log(self, line: dict[str, Any]) -> None:
         self.metrics_file.write(json.dumps(line) + "\n")
@@ -400,10 +458,11 @@ class TrainingRun:
                 rows, counted = mine[i:i + batch_size], True
                 if not rows:
                     rows, counted = val_rows[:1], False
-                batch = collate(rows, self.pad_id, self.device)
-                loss, _ = token_losses(model, batch, self.amp)
+                batch = collate(rows, self.pad_id, self.device, flatten=self.flatten,
+                                flash=self.attention == "flash_attention_2")
+                loss = self.loss_model(batch)
                 if counted:
-                    sums[0] += loss.sum().double()
+                    sums[0] += loss.double()
                     sums[1] += batch["label_tokens"]
         if fsdp:
             # FSDP2 keeps the root's parameters gathered after a forward until the backward that
@@ -465,6 +524,7 @@ class TrainingRun:
 
     def finish(self) -> tuple[Any, dict[str, Any]]:
         """Keep the final (or, stopped early, the best) weights, save the model, return the outcome."""
+        self.flush()
         duration = time.monotonic() - self.t_start
         self._final_weights()
         if self.metrics_file:
@@ -510,6 +570,14 @@ class TrainingRun:
                     save_model_dir(target, self.model_dir, merged)
         return saved, merged
 
+    def speed_levers(self) -> dict[str, Any]:
+        """The speed levers this run used (hyperparameters.fusedLoss, compile, attention, packing)
+        and, where one was turned off or changed, why."""
+        notes = {k: v for k, v in (("fusedLoss", self.loss_note), ("compile", self.compile_note)) if v}
+        return {"fusedLoss": self.loss_mode, "compile": self.compiled, "attention": self.attention,
+                "paddingFree": self.flatten, "packing": self.hp.packing, "loraInputsUncast": self.lora_uncast,
+                **({"notes": notes} if notes else {})}
+
     def _outcome(self, duration: float, saved: Optional[str], merged: Optional[str]) -> dict[str, Any]:
         state = self.state
         trained = state["tokens"] - self.tokens_at_start
@@ -528,6 +596,10 @@ class TrainingRun:
             "device": str(self.device), "trainableParameters": self.plan.trainable_parameters,
             "totalParameters": self.plan.total_parameters,
             "model": "model" if saved else None, "mergedModel": "merged" if merged else None,
+            # real tokens / tokens the model ran on (padding included), all ranks
+            "paddingEfficiency": (round(self.real_tokens / self.padded_tokens, 4)
+                                  if self.padded_tokens else None),
+            "speed": self.speed_levers(),
         }
         if self.status == "diverged":
             outcome["divergedAt"] = state["step"] + 1

@@ -143,8 +143,7 @@ class _Emitter:
             return
         if o.packing:
             packer = self.packers.setdefault((split, fold), Packer(o.max_seq_length, fold))
-            packed = packer.add(row_id, list(ids), list(labels))
-            if packed is not None:
+            for packed in packer.add(row_id, list(ids), list(labels)):
                 self._write(split, packed)
             return
         self._write(split, {"id": row_id, "input_ids": ids, "labels": labels, "position_ids": None,

@@ -164,6 +164,9 @@ def run_prep(cfg: TrainerConfig, run_dir: Optional[str] = None,
         "splits": dict(result.splits),
         "sequences": dict(result.sequences),
         "packed": hp.packing,
+        # packed: real tokens / (sequences x maxSeqLength), how full best-fit packing made the rows
+        "packingFill": (round(result.total_tokens / (sum(result.sequences.values()) * hp.max_seq_length), 4)
+                        if hp.packing and result.tokenized and sum(result.sequences.values()) else None),
         "folds": cv.folds if cv else 0,
         "maxSeqLength": hp.max_seq_length,
         "dropped": dict(sorted(result.dropped.items())),
