@@ -44,6 +44,9 @@ KINDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# Accept header for answers that carry only the object's metadata (falls back to the whole object)
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json"
+
 # 429 Too Many Requests, and the 5xx answers of an overloaded, restarting or unreachable server
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -141,13 +144,17 @@ class Cluster:
         self._on_write = on_write
         self._on_retry = on_retry
         self._sleep = sleep
+        self.on_written: Optional[Callable[[str, dict[str, Any]], None]] = None
+        """Called with the kind and the API server's answer to each successful create, update and
+        patch (the object as written, or only its metadata, with its new resourceVersion): the
+        handlers' Context recognises the watch events of the operator's own writes by it."""
 
     # ------------------------------------------------------------------------------ transport
 
     def request(self, method: str, path: str, *, body: Any = None, query: Optional[dict[str, Any]] = None,
-                content_type: str = "application/json") -> Any:
+                content_type: str = "application/json", accept: str = "application/json") -> Any:
         url_path = path + ("?" + urlencode(query) if query else "")
-        headers = {"Accept": "application/json", "Content-Type": content_type}
+        headers = {"Accept": accept, "Content-Type": content_type}
         start = time.monotonic()
         attempt = 0
         while True:
@@ -191,6 +198,11 @@ class Cluster:
         if self._on_write is not None:
             self._on_write(verb, kind)
 
+    def _written(self, kind: str, obj: Any) -> Any:
+        if self.on_written is not None and isinstance(obj, dict):
+            self.on_written(kind, obj)
+        return obj
+
     # -------------------------------------------------------------------------------- reading
 
     def get(self, kind: str, namespace: Optional[str], name: str) -> Optional[dict[str, Any]]:
@@ -209,19 +221,23 @@ class Cluster:
 
     # -------------------------------------------------------------------------------- writing
 
-    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+    def create(self, obj: dict[str, Any], *, metadata_only: bool = False) -> dict[str, Any]:
+        """POST the object; the answer is the object as created. With metadata_only, only its
+        metadata (a PartialObjectMetadata, as for metadata-only watches): the server does not
+        encode, nor the operator decode, a large object whose body it already knows."""
         kind, ns = obj["kind"], obj["metadata"].get("namespace")
         self._write("create", kind)
-        return self.request("POST", _path(kind, ns), body=obj)
+        extra = {"accept": METADATA_ONLY} if metadata_only else {}
+        return self._written(kind, self.request("POST", _path(kind, ns), body=obj, **extra))
 
-    def create_or_adopt(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    def create_or_adopt(self, obj: dict[str, Any], *, metadata_only: bool = False) -> tuple[dict[str, Any], bool]:
         """Create; on AlreadyExists return the existing object. (object, created?)"""
         try:
-            return self.create(obj), True
+            return self.create(obj, metadata_only=metadata_only), True
         except Conflict:
             existing = self.get(obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
             if existing is None:  # deleted in between: try once more
-                return self.create(obj), True
+                return self.create(obj, metadata_only=metadata_only), True
             return existing, False
 
     def ensure(self, obj: dict[str, Any]) -> bool:
@@ -235,18 +251,16 @@ class Cluster:
             return False  # created meanwhile by someone else
         return True
 
-    def apply(self, obj: dict[str, Any], *, keep_data: bool = False) -> dict[str, Any]:
-        """Create, or replace the existing object's labels/annotations/data/spec (ConfigMaps of a run).
-        With keep_data, an existing object is left alone (the progress sink the trainer writes)."""
+    def apply(self, obj: dict[str, Any], *, metadata_only: bool = False) -> dict[str, Any]:
+        """Create, or replace the existing object's labels/annotations/data/spec (a run's
+        NetworkPolicy and config ConfigMap). `metadata_only` as for `create`."""
         existing = None
         try:
-            return self.create(obj)
+            return self.create(obj, metadata_only=metadata_only)
         except Conflict:
             existing = self.get(obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
         if existing is None:
-            return self.create(obj)
-        if keep_data:
-            return existing
+            return self.create(obj, metadata_only=metadata_only)
         body = dict(obj)
         body["metadata"] = {**obj["metadata"], "resourceVersion": existing["metadata"]["resourceVersion"]}
         if all(existing.get(k) == obj.get(k) for k in ("data", "spec")) and all(
@@ -254,21 +268,22 @@ class Cluster:
                 for k in ("labels", "annotations")):
             return existing
         self._write("update", obj["kind"])
-        return self.request("PUT", _path(obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]),
-                            body=body)
+        return self._written(obj["kind"], self.request(
+            "PUT", _path(obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]), body=body))
 
     def merge_patch(self, kind: str, namespace: Optional[str], name: str, patch: dict[str, Any],
                     sub: Optional[str] = None) -> dict[str, Any]:
         self._write("patch", kind)
-        return self.request("PATCH", _path(kind, namespace, name, sub), body=patch,
-                            content_type="application/merge-patch+json")
+        return self._written(kind, self.request("PATCH", _path(kind, namespace, name, sub), body=patch,
+                                          content_type="application/merge-patch+json"))
 
     def replace_status(self, obj: dict[str, Any]) -> dict[str, Any]:
         """PUT the status subresource with the object's resourceVersion: a concurrent change of
         the object raises Conflict and the caller re-reads, re-reconciles and tries again."""
         self._write("update-status", obj["kind"])
         meta = obj["metadata"]
-        return self.request("PUT", _path(obj["kind"], meta.get("namespace"), meta["name"], "status"), body=obj)
+        path = _path(obj["kind"], meta.get("namespace"), meta["name"], "status")
+        return self._written(obj["kind"], self.request("PUT", path, body=obj))
 
     def delete(self, kind: str, namespace: Optional[str], name: str, *, propagation: str = "Background",
                uid: Optional[str] = None) -> bool:
@@ -288,7 +303,7 @@ class Cluster:
     def create_event(self, event: dict[str, Any]) -> None:
         """Best effort: an event that cannot be written is logged, never fails a reconcile."""
         try:
-            self.create(event)
+            self.create(event, metadata_only=True)
         except ApiError as e:
             logger.debug("event not written: %s", e)
 

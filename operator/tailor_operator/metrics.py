@@ -73,6 +73,10 @@ class Metrics:
                                         "Status writes refused with 409 Conflict (re-read and retried).",
                                         ["kind"], registry=r)
         self.queue_depth = Gauge("tailor_workqueue_depth", "Objects waiting to be reconciled.", registry=r)
+        self.events_skipped = Counter("tailor_watch_events_skipped_total",
+                                      "Watch events not reconciled: the echo of the operator's own write, "
+                                      "or a change that leaves what the reconcile reads as it was.",
+                                      ["kind"], registry=r)
         self.leader = Gauge("tailor_leader", "1 while this replica holds the leader Lease and acts, else 0.",
                             registry=r)
         for phase in Phase:
@@ -88,6 +92,7 @@ class Metrics:
             self.status_conflicts.labels(kind)
             self.status_writes_deferred.labels(kind)
             self.reconcile_duration.labels(kind)
+            self.events_skipped.labels(kind)
         for result in ("promoted", "rejected"):
             self.promotions.labels(result)
         self._lock = threading.Lock()

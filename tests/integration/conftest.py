@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from operator_fixtures import TESTENV, ControlPlane
+from operator_fixtures import AUDIT_POLICY, TESTENV, ControlPlane
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,6 +71,29 @@ def kuberay_operator(control_plane):
     KubeRay themselves stop it (a session-wide fixture went on yielding a stopped operator)."""
     control_plane.start_kuberay()
     yield control_plane
+
+
+@pytest.fixture
+def own_control_plane(tmp_path_factory, request):
+    """A control plane for one test (the session's one is shared and must not be stopped or
+    throttled). Indirect parameter, a tuple of extra kube-apiserver flags (may be empty): with it,
+    the API server also writes an audit log of the operator identity's writes to `cp.audit_log`
+    (operator_fixtures.writes_since)."""
+    param = getattr(request, "param", None)
+    state = tmp_path_factory.mktemp("own-testenv")
+    audit = tmp_path_factory.mktemp("audit")
+    extra = []
+    if param is not None:
+        (audit / "policy.yaml").write_text(AUDIT_POLICY)
+        apiserver_args = [*param, f"--audit-policy-file={audit / 'policy.yaml'}",
+                          f"--audit-log-path={audit / 'audit.log'}", "--audit-log-mode=blocking"]
+        extra = [f"--apiserver-arg={a}" for a in apiserver_args]
+    cp = ControlPlane.up(state, _bin_dir(), *extra)
+    cp.audit_log = audit / "audit.log"
+    try:
+        yield cp
+    finally:
+        subprocess.run([str(TESTENV), "down", "--dir", str(cp.dir)], capture_output=True, text=True, timeout=120)
 
 
 def _ns_name(nodeid: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import os
+from datetime import datetime
 import signal
 import socket
 import subprocess
@@ -290,7 +291,28 @@ class Kube:
         self.patch("RayJob", name, {"status": status}, sub="status")
 
     def write_progress(self, run: str, doc: dict[str, Any]) -> None:
-        self.patch("ConfigMap", f"{run}-progress", {"data": {"progress.json": json.dumps(doc)}})
+        """Play the trainer's ConfigMapSink: patch `<run>-progress`, create it (labels, no owner)
+        when it is not there yet."""
+        from tailor_operator.cluster import NotFound
+
+        labels = {"app.kubernetes.io/managed-by": "tailor", "tailor.dev/finetunejob": run.rsplit("-r", 1)[0],
+                  "tailor.dev/run": run}
+        body = {"metadata": {"name": f"{run}-progress", "labels": labels},
+                "data": {"progress.json": json.dumps(doc)}}
+        try:
+            self.patch("ConfigMap", f"{run}-progress", body)
+        except NotFound:
+            self.apply({"apiVersion": "v1", "kind": "ConfigMap", **body})
+
+    def run_config(self, run: str) -> dict[str, Any]:
+        """The config.json a run's pods read: from its RayJob's head pod template (the downward API
+        mounts that annotation), or ConfigMap `<run>-config` when it was too large for one."""
+        rayjob = self.get("RayJob", run) or {}
+        template = ((rayjob.get("spec") or {}).get("rayClusterSpec") or {}).get("headGroupSpec", {}).get("template", {})
+        inline = ((template.get("metadata") or {}).get("annotations") or {}).get("tailor.dev/config")
+        if inline is not None:
+            return json.loads(inline)
+        return json.loads(self.get("ConfigMap", f"{run}-config")["data"]["config.json"])
 
     def publish_validation(self, dataset: str, result: dict[str, Any], timeout: float = 30) -> str:
         """Play the validation pod: put status.json into the operator's inspect ConfigMap."""
@@ -339,3 +361,49 @@ def result_doc(run: str, loss: float, **metrics: float) -> dict[str, Any]:
 
 def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+# ----------------------------------------------------------------- the operator identity's writes
+
+TAILOR_USER = "system:serviceaccount:tailor-system:tailor"
+"""The identity of `ControlPlane.kubeconfigs["tailor"]` (the chart's ServiceAccount)."""
+
+AUDIT_POLICY = f"""apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Request
+  users: ["{TAILOR_USER}"]
+  verbs: ["create", "update", "patch", "delete", "deletecollection"]
+- level: None
+"""
+"""What a control plane of one's own (conftest `own_control_plane`) records: every write of the
+operator identity, with its request body."""
+
+
+def job_owner(name: str) -> str:
+    """The FineTuneJob a written object belongs to: itself, its runs' children (`<job>-r1`,
+    `<job>-r1-config`, ...), its events (`<job>.<suffix>`)."""
+    return re.sub(r"-r\d+(-.*)?$", "", name.split(".", 1)[0])
+
+
+def writes_since(audit_log: Path, since: datetime, namespace: str, names: set[str]) -> tuple[dict[str, int], list]:
+    """Successful writes by the operator's identity since `since` (from the audit log) to the
+    FineTuneJobs `names` and to their children (`<name>-r1...`), counted by
+    `verb resource[/subresource]`, and the first few requests."""
+    counts: dict[str, int] = {}
+    samples: list = []
+    for line in audit_log.read_text().splitlines():
+        ev = json.loads(line)
+        ref = ev.get("objectRef") or {}
+        ts = datetime.fromisoformat(ev["requestReceivedTimestamp"].replace("Z", "+00:00"))
+        if (ev.get("stage") != "ResponseComplete" or ev["user"]["username"] != TAILOR_USER or ts < since
+                or ref.get("namespace") != namespace or ref.get("resource") == "leases"
+                or (ev.get("responseStatus") or {}).get("code", 200) >= 400
+                or job_owner(ref.get("name") or "") not in names):
+            continue
+        key = f"{ev['verb']} {ref.get('resource')}{'/' + ref['subresource'] if ref.get('subresource') else ''}"
+        counts[key] = counts.get(key, 0) + 1
+        if len(samples) < 3:
+            samples.append((key, ref.get("name"), ev.get("userAgent"), ev.get("requestObject")))
+    return counts, samples

@@ -317,7 +317,8 @@ def installed_default(control_plane):
 
 def test_operator_runs_with_exactly_the_charts_rbac(installed, k8s_client, namespace, tmp_path) -> None:
     """Install the chart, then run the operator as system:serviceaccount:tailor-system:tailor (the
-    chart's ServiceAccount): validation Job, RayJob, status, events and the finalizer all work."""
+    chart's ServiceAccount): validation Job, RayJob (its owner reference needs the chart's
+    `finetunejobs/finalizers` update), status, events and garbage collection all work."""
     cp = installed
     assert cp.kubectl("get", "deployment", "tailor", "-n", RELEASE_NS).returncode == 0
     assert cp.kubectl("get", "serviceaccount", "tailor-trainer", "-n", namespace).returncode == 0
@@ -347,11 +348,11 @@ def test_operator_runs_with_exactly_the_charts_rbac(installed, k8s_client, names
         kube.set_rayjob_status("rbac-r1", "Running", "RUNNING")
         wait_until(lambda: kube.status("FineTuneJob", "rbac").get("phase") == "Running", 30, what="Running",
                    on_timeout=operator.log_tail)
-        assert "RunStarted" in kube.event_reasons("rbac")
+        assert "Running" in wait_until(lambda: kube.event_reasons("rbac"), 10, what="events")
         kube.delete("FineTuneJob", "rbac")
-        wait_until(lambda: kube.get("FineTuneJob", "rbac") is None and kube.get("RayJob", "rbac-r1") is None, 30,
-                   what="finalizer cleanup", on_timeout=operator.log_tail)
-        assert kube.get("NetworkPolicy", "rbac-r1") is None
+        wait_until(lambda: kube.get("FineTuneJob", "rbac") is None and kube.get("RayJob", "rbac-r1") is None
+                   and kube.get("NetworkPolicy", "rbac-r1") is None, 60, what="children garbage-collected",
+                   on_timeout=operator.log_tail)
         # the operator's identity reads no Secret anywhere (it hands secretRefs to pods by name)
         sa = f"system:serviceaccount:{RELEASE_NS}:tailor"
         for ns in (namespace, "kube-system", RELEASE_NS):
@@ -490,7 +491,7 @@ def test_operator_runs_namespaced_with_exactly_the_charts_roles(control_plane, k
                    on_timeout=operator.log_tail)
         kube.delete("FineTuneJob", "scoped")
         wait_until(lambda: kube.get("FineTuneJob", "scoped") is None and kube.get("RayJob", "scoped-r1") is None
-                   and kube.get("NetworkPolicy", "scoped-r1") is None, 30, what="finalizer cleanup",
+                   and kube.get("NetworkPolicy", "scoped-r1") is None, 60, what="children garbage-collected",
                    on_timeout=operator.log_tail)
         assert "Forbidden" not in Path(operator.log_path).read_text()
         sa = f"system:serviceaccount:{RELEASE_NS}:tailor"

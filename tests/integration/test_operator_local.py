@@ -96,7 +96,7 @@ def test_quickstart_on_the_local_backend(control_plane, k8s_client, namespace, t
         assert status["champion"]["run"] == "support-assistant-r1"
         assert status["currentRun"] == "support-assistant-r1" and status["attempts"] == 1
         reasons = kube.event_reasons("support-assistant")
-        for reason in ("RunStarted", "Running", "RunSucceeded", "Promoted"):
+        for reason in ("Running", "RunSucceeded", "Promoted"):
             assert reason in reasons, reasons
         assert {"Validating", "Validated"} <= set(kube.event_reasons("support"))
         text = operator.metrics()

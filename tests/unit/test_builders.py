@@ -19,11 +19,11 @@ import pytest
 import yaml
 
 from tailor_operator.api.v1alpha1 import Dataset, FineTuneJob, RolloutTarget
-from tailor_operator.builders.configmaps import build_config_map, build_progress_config_map
+from tailor_operator.builders.configmaps import build_config_map, render_config
 from tailor_operator.builders.inspect_job import InspectJobOptions, build_inspect_config_map, build_inspect_job
 from tailor_operator.builders.naming import run_name, safe_name
 from tailor_operator.builders.promotion import build_inference_service_patch, build_target_config_map
-from tailor_operator.builders.rayjob import RayJobOptions, build_rayjob
+from tailor_operator.builders.rayjob import INLINE_CONFIG_MAX_BYTES, RayJobOptions, build_rayjob, config_inline
 from tailor_operator.builders.trainer_config import build_trainer_config
 from tailor_operator.reconcile.dataset import resolved_dataset, validation_key
 
@@ -58,11 +58,15 @@ def run_children(doc: dict[str, Any]) -> list[dict[str, Any]]:
     job = FineTuneJob.model_validate(doc["job"])
     dataset = Dataset.model_validate(doc["dataset"])
     run, attempt = doc["run"], doc.get("attempt", 1)
-    config = build_trainer_config(job, dataset, run, attempt=attempt, dataset_revision=doc.get("datasetRevision"))
+    config = build_trainer_config(job, dataset, run, attempt=attempt, dataset_revision=doc.get("datasetRevision"),
+                                  inline_data=doc.get("inlineData"))
+    rendered = render_config(config)
+    inline = config_inline(rendered)  # as reconcile_finetunejob decides
     rayjob = build_rayjob(job, dataset, run, number=doc.get("number", 1), attempt=attempt,
                           dataset_revision=doc.get("datasetRevision"), config_hash=config.config_hash(),
-                          options=RayJobOptions(**(doc.get("options") or {})))
-    return [build_config_map(job, run, config), build_progress_config_map(job, run), rayjob]
+                          options=RayJobOptions(**(doc.get("options") or {})),
+                          config_json=rendered if inline else None)
+    return [rayjob] if inline else [build_config_map(job, run, config), rayjob]
 
 
 @pytest.mark.parametrize("case", _cases("rayjob"), ids=lambda p: p.name)
@@ -130,6 +134,43 @@ def test_rayjob_labels_owner_and_kueue() -> None:
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 4
     limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "1"
+
+
+def _config_volumes(rayjob: dict[str, Any]) -> list[dict[str, Any]]:
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    templates = [cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]]
+    return [next(v for v in t["spec"]["volumes"] if v["name"] == "tailor-config") for t in templates]
+
+
+def test_config_rides_on_the_rayjob_and_is_mounted_where_the_trainer_reads_it() -> None:
+    """One create starts a run: config.json is an annotation of the head and worker pod templates,
+    projected by the downward API to /etc/tailor/config.json, byte for byte what a ConfigMap held."""
+    doc = _gpu_case()
+    [rayjob] = run_children(doc)
+    job, dataset = FineTuneJob.model_validate(doc["job"]), Dataset.model_validate(doc["dataset"])
+    config = build_trainer_config(job, dataset, doc["run"], attempt=1, dataset_revision=doc.get("datasetRevision"))
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+        assert template["metadata"]["annotations"]["tailor.dev/config"] == render_config(config)
+        mount = next(m for m in template["spec"]["containers"][0]["volumeMounts"] if m["name"] == "tailor-config")
+        assert mount["mountPath"] == "/etc/tailor" and mount["readOnly"] is True
+    for volume in _config_volumes(rayjob):
+        assert volume["downwardAPI"]["items"] == [
+            {"path": "config.json", "fieldRef": {"fieldPath": "metadata.annotations['tailor.dev/config']"}}]
+    assert "annotations" not in rayjob["spec"]["submitterPodTemplate"]["metadata"]  # it reads no config
+
+
+def test_a_config_too_large_for_annotations_goes_into_a_configmap() -> None:
+    doc = _gpu_case()
+    doc["inlineData"] = '{"instruction": "x", "output": "y"}\n' * (INLINE_CONFIG_MAX_BYTES // 30)
+    config_map, rayjob = run_children(doc)
+    assert config_map["kind"] == "ConfigMap" and config_map["metadata"]["name"] == f"{doc['run']}-config"
+    assert len(config_map["data"]["config.json"].encode()) > INLINE_CONFIG_MAX_BYTES
+    assert all(v == {"name": "tailor-config", "configMap": {"name": f"{doc['run']}-config"}}
+               for v in _config_volumes(rayjob))
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+        assert "annotations" not in template["metadata"]
 
 
 def test_build_is_deterministic() -> None:

@@ -1,8 +1,13 @@
 """KubeRay backend: runs are RayJobs; Dataset validations and model checks are batch/v1 Jobs.
 
-Reads are kept to what the reconcile needs: one label-selected RayJob list per job, the progress
-ConfigMap of the current run only, and its pods until the run has succeeded (a pod-level reason
-while it starts or fails; a lost Ray head while it runs).
+Reads are kept to what the reconcile needs: the current run's RayJob by name (and the next one's,
+once the status records a run; a label-selected list only for ttlSecondsAfterFinished), the
+progress ConfigMap of the current run only, and its pods until the run has succeeded (a pod-level
+reason while it starts or fails; a lost Ray head while it runs).
+
+Starting a run is one create (the RayJob, config inside) after its NetworkPolicy; a create that
+answers AlreadyExists adopts the existing RayJob. The trainer creates `<run>-progress`; the first
+observation that reads it makes the job its owner (one patch), so garbage collection covers it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Any, Optional
 from tailor_operator.api.v1alpha1 import Dataset, FineTuneJob
 from tailor_operator.builders.inspect_job import RESULT_KEY
 from tailor_operator.builders.labels import LABEL_DATASET, LABEL_JOB, LABEL_NAME, LABEL_RUN
+from tailor_operator.builders.configmaps import progress_owner_patch
 from tailor_operator.builders.naming import config_map_name, progress_config_map_name
 from tailor_operator.builders.preflight_job import preflight_labels
 from tailor_operator.reconcile.observe import (
@@ -27,9 +33,12 @@ from tailor_trainer.contract import PROGRESS_FILE, ProgressDoc
 _TRAINER_STARTED = {"Running", "Complete", "Failed", "ValidationFailed"}
 
 
-def _owned_by(obj: dict[str, Any], uid: Optional[str]) -> bool:
+def _owned_by(obj: dict[str, Any], uid: Optional[str], strict: bool = False) -> bool:
+    """Whether `obj` has an owner reference to `uid` (an unknown uid counts as yes unless strict)."""
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-    return not uid or any(r.get("uid") == uid for r in refs)
+    if not uid:
+        return not strict
+    return any(r.get("uid") == uid for r in refs)
 
 
 def parse_progress(config_map: Optional[dict[str, Any]]) -> Optional[ProgressDoc]:
@@ -63,7 +72,11 @@ class KubeRayBackend:
             read = False
             if name in (current, following):
                 if deployment in _TRAINER_STARTED or status.get("jobStatus"):
-                    progress = parse_progress(self.cluster.get("ConfigMap", ns, progress_config_map_name(name)))
+                    sink = self.cluster.get("ConfigMap", ns, progress_config_map_name(name))
+                    if sink is not None and not _owned_by(sink, job.metadata.uid, strict=True):
+                        self.cluster.merge_patch("ConfigMap", ns, progress_config_map_name(name),
+                                                 progress_owner_patch(job, name))
+                    progress = parse_progress(sink)
                     read = True
                 # while it runs too: a lost Ray head shows only in the pods (KubeRay keeps RUNNING)
                 if deployment and (deployment, status.get("jobStatus")) != ("Complete", "SUCCEEDED"):
@@ -72,17 +85,15 @@ class KubeRayBackend:
         return runs
 
     def start(self, job: FineTuneJob, action: StartRun) -> bool:
-        """Create the config, the progress sink and the RayJob; True if the RayJob is new (an
-        existing one, e.g. created before an operator restart, is adopted)."""
+        """Create the run's NetworkPolicy (and config ConfigMap, when the config is too large to
+        ride on the RayJob), then the RayJob; True if the RayJob is new (an existing one, e.g.
+        created before an operator restart, is adopted)."""
         created = False
-        for child in action.children:
-            kind = child["kind"]
-            if kind == "RayJob":
-                _, created = self.cluster.create_or_adopt(child)
-            elif child["metadata"]["name"].endswith("-progress"):
-                self.cluster.apply(child, keep_data=True)
+        for child in action.children:  # only the answers' metadata: the bodies are known
+            if child["kind"] == "RayJob":
+                _, created = self.cluster.create_or_adopt(child, metadata_only=True)
             else:
-                self.cluster.apply(child)
+                self.cluster.apply(child, metadata_only=True)
         return created
 
     def stop(self, job: FineTuneJob, run: str) -> None:
@@ -94,17 +105,6 @@ class KubeRayBackend:
         self.cluster.delete("ConfigMap", ns, config_map_name(run))
         self.cluster.delete("ConfigMap", ns, progress_config_map_name(run))
         self.cluster.delete("NetworkPolicy", ns, run)
-
-    def cleanup(self, namespace: str, name: str, uid: Optional[str] = None) -> int:
-        """Finalizer: delete every RayJob, ConfigMap and NetworkPolicy of the job. Returns how many
-        were deleted."""
-        deleted = 0
-        for kind in ("RayJob", "Job", "ConfigMap", "NetworkPolicy"):  # Job: the model check
-            for obj in self.cluster.list(kind, namespace, {LABEL_JOB: name}):
-                if _owned_by(obj, uid):
-                    deleted += self.cluster.delete(kind, namespace, obj["metadata"]["name"],
-                                                   uid=obj["metadata"].get("uid"))
-        return deleted
 
 
 class KubeRayValidation:

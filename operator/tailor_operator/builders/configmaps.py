@@ -1,4 +1,4 @@
-"""Pure: the ConfigMaps of a run (trainer config, progress sink) and of a promotion target."""
+"""Pure: the ConfigMaps of a run (trainer config when too large for the RayJob, progress sink owner)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from tailor_operator.api.v1alpha1 import FineTuneJob
 from tailor_operator.builders.labels import ANNOTATION_ATTEMPT, object_meta, run_labels
 from tailor_operator.builders.naming import config_map_name, progress_config_map_name
 from tailor_trainer.config import TrainerConfig
-from tailor_trainer.contract import PROGRESS_FILE
 
 CONFIG_KEY = "config.json"
 
@@ -32,13 +31,10 @@ def build_config_map(job: FineTuneJob, run: str, config: TrainerConfig) -> dict[
     }
 
 
-def build_progress_config_map(job: FineTuneJob, run: str) -> dict[str, Any]:
-    """`<run>-progress`, created empty and owned by the job; the trainer writes `progress.json` into
-    it (so its labels and owner survive the trainer's updates, and deletion removes it)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": object_meta(progress_config_map_name(run), job.metadata.namespace,
-                                run_labels(job.metadata.name, run), job),
-        "data": {},
-    }
+def progress_owner_patch(job: FineTuneJob, run: str) -> dict[str, Any]:
+    """Merge patch that makes the job the owner of `<run>-progress`. The trainer creates that
+    ConfigMap on its first report (the operator no longer creates it ahead of the run: one write
+    less per job before it runs); the operator adds itself as owner when it first reads it, so
+    deleting the job removes it (the trainer's own updates leave labels and owner alone)."""
+    meta = object_meta(progress_config_map_name(run), job.metadata.namespace, run_labels(job.metadata.name, run), job)
+    return {"metadata": {"labels": meta["labels"], "ownerReferences": meta["ownerReferences"]}}

@@ -20,6 +20,9 @@ ANNOTATION_RUN_NUMBER = "tailor.dev/run-number"
 ANNOTATION_REVISION = "tailor.dev/dataset-revision"
 ANNOTATION_GENERATION = "tailor.dev/generation"
 ANNOTATION_CONFIG_HASH = "tailor.dev/config-hash"
+ANNOTATION_CONFIG = "tailor.dev/config"
+"""On a RayJob's head and worker pod templates: the run's config.json, mounted from there through
+the downward API (builders/rayjob.py)."""
 ANNOTATION_BACKEND = "tailor.dev/backend"
 """On a Dataset: where its validation runs (kuberay or local); the operator's setting otherwise."""
 

@@ -5,6 +5,12 @@ The RayJob runs `python -m tailor_trainer run --config /etc/tailor/config.json` 
 operator's (KubeRay's own backoffLimit would rebuild the cluster blind to checkpoints), so the
 RayJob's `backoffLimit` is 0 and the attempt number is an annotation.
 
+The run's `config.json` travels inside the RayJob: an annotation on the head and worker pod
+templates, mounted at /etc/tailor/config.json through a downward API volume, so starting a run is
+one create and the config is frozen with the attempt that uses it. A config too large for that
+(`INLINE_CONFIG_MAX_BYTES`, e.g. a Dataset's inline data) goes into ConfigMap `<run>-config`
+instead, created before the RayJob and mounted at the same path.
+
 Every pod (head, workers, and the submitter pod that runs `ray job submit`) carries the
 securityContexts of `builders/podsecurity.py`, so a namespace enforcing the `restricted` Pod
 Security Standard admits them. The submitter pod template is ours, not KubeRay's default (which has
@@ -21,6 +27,7 @@ from typing import Any, Optional
 from tailor_operator.api.v1alpha1 import Dataset, FineTuneJob
 from tailor_operator.builders.labels import (
     ANNOTATION_ATTEMPT,
+    ANNOTATION_CONFIG,
     ANNOTATION_CONFIG_HASH,
     ANNOTATION_GENERATION,
     ANNOTATION_REVISION,
@@ -34,7 +41,11 @@ from tailor_operator.builders.naming import config_map_name, safe_name
 from tailor_operator.builders.podsecurity import container_security_context, pod_security_context
 
 CONFIG_DIR = "/etc/tailor"
-CONFIG_PATH = f"{CONFIG_DIR}/config.json"
+CONFIG_FILE = "config.json"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+# A pod's annotations may hold 256 KiB in all; the config goes on two pod templates of the RayJob
+# (and of the RayCluster KubeRay makes from it), so larger configs take a ConfigMap.
+INLINE_CONFIG_MAX_BYTES = 64 * 1024
 ENTRYPOINT = f"python -m tailor_trainer run --config {CONFIG_PATH}"
 PVC_ROOT = "/mnt/pvc"
 # s3 output: the trainer's local copy of the run directory (TAILOR_RUN_CACHE) on an emptyDir, not
@@ -91,10 +102,23 @@ def secret_refs(job: FineTuneJob, dataset: Optional[Dataset]) -> list[tuple[str,
     return refs
 
 
-def _storage(job: FineTuneJob, dataset: Optional[Dataset],
-             run: str) -> tuple[list[dict], list[dict], list[dict]]:
+def config_inline(config_json: str) -> bool:
+    """Whether a rendered config.json travels in the RayJob (else in ConfigMap `<run>-config`)."""
+    return len(config_json.encode()) <= INLINE_CONFIG_MAX_BYTES
+
+
+def _config_volume(run: str, inline: bool) -> dict[str, Any]:
+    if inline:
+        path = f"metadata.annotations['{ANNOTATION_CONFIG}']"
+        return {"name": "tailor-config",
+                "downwardAPI": {"items": [{"path": CONFIG_FILE, "fieldRef": {"fieldPath": path}}]}}
+    return {"name": "tailor-config", "configMap": {"name": config_map_name(run)}}
+
+
+def _storage(job: FineTuneJob, dataset: Optional[Dataset], run: str,
+             inline: bool) -> tuple[list[dict], list[dict], list[dict]]:
     """Volumes, mounts and envFrom shared by head and workers."""
-    volumes: list[dict[str, Any]] = [{"name": "tailor-config", "configMap": {"name": config_map_name(run)}}]
+    volumes: list[dict[str, Any]] = [_config_volume(run, inline)]
     mounts: list[dict[str, Any]] = [{"name": "tailor-config", "mountPath": CONFIG_DIR, "readOnly": True}]
     env_from: list[dict[str, Any]] = []
     seen_secrets: set[str] = set()
@@ -171,8 +195,11 @@ def build_rayjob(
     dataset_revision: Optional[str],
     config_hash: str,
     options: RayJobOptions,
+    config_json: Optional[str] = None,
 ) -> dict[str, Any]:
-    """The RayJob for attempt `attempt` of run `run` (deterministic: same inputs, same dict)."""
+    """The RayJob for attempt `attempt` of run `run` (deterministic: same inputs, same dict).
+    `config_json`: the rendered config.json to carry on the pod templates; None when it is in
+    ConfigMap `<run>-config` (too large, see `config_inline`)."""
     spec = job.spec
     res = spec.resources
     namespace = job.metadata.namespace
@@ -190,7 +217,10 @@ def build_rayjob(
     if dataset_revision:
         annotations[ANNOTATION_REVISION] = dataset_revision
     image = res.image or options.image
-    volumes, mounts, env_from = _storage(job, dataset, run)
+    volumes, mounts, env_from = _storage(job, dataset, run, inline=config_json is not None)
+    template_meta: dict[str, Any] = {"labels": dict(pod_labels)}
+    if config_json is not None:
+        template_meta["annotations"] = {ANNOTATION_CONFIG: config_json}
     env = [
         {"name": "TAILOR_NAMESPACE", "value": namespace or "default"},
         {"name": "TAILOR_JOB", "value": job.metadata.name},
@@ -259,7 +289,7 @@ def build_rayjob(
             # relay: all 0-CPU) but no training worker or evaluation task, so that those land on the
             # worker pods the spec sized (KubeRay would advertise the head's CPU limit otherwise)
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},
-            "template": {"metadata": {"labels": dict(pod_labels)},
+            "template": {"metadata": copy.deepcopy(template_meta),
                          "spec": pod_spec(head, [], placement=False)},
         },
         "workerGroupSpecs": [
@@ -269,7 +299,7 @@ def build_rayjob(
                 "minReplicas": res.workers,
                 "maxReplicas": res.workers,
                 "rayStartParams": {"num-gpus": str(res.gpus_per_worker)},
-                "template": {"metadata": {"labels": dict(pod_labels)},
+                "template": {"metadata": copy.deepcopy(template_meta),
                              "spec": pod_spec(worker, shm, placement=True)},
             }
         ],

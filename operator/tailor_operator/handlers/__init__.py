@@ -1,14 +1,23 @@
 """kopf handlers: thin adapters from watch events to the operator's work queue.
 
 `register(registry, ctx)` attaches them to a kopf registry at startup (nothing registers at
-import): events and a slow resync timer enqueue the object; events of children (RayJobs,
-ConfigMaps, pods, Jobs labelled `app.kubernetes.io/managed-by: tailor`) enqueue their owner; the
-FineTuneJob's delete handler is the finalizer that removes its children and local processes.
+import): events enqueue the object; events of children (RayJobs, ConfigMaps, pods, Jobs labelled
+`app.kubernetes.io/managed-by: tailor`) enqueue their owner. The echoes of the operator's own
+writes enqueue nothing (handlers.context.Context), and the periodic resync is scheduled on the
+work queue, not by kopf timers.
+
+kopf writes nothing to an object it has no changing handler (on.create/update/delete) or timer
+for: no finalizer, no `tailor.dev` bookkeeping annotations. The only such handler is the local
+backend's deletion handler (`field="spec.backend", value="local"`): a local-backend job holds the
+finalizer `tailor.dev/finalizer` so its trainer processes are stopped and their work directories
+removed before it goes. A kuberay-backend job needs none: every child it has carries an owner
+reference, so the garbage collector deletes its RayJobs (and KubeRay their RayClusters) and
+ConfigMaps; kopf releases the finalizer an older operator version put on one.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import kopf
 
@@ -19,6 +28,7 @@ from tailor_operator.handlers.dataset import sync_dataset
 from tailor_operator.handlers.finetunejob import cleanup_job, sync_job
 
 CHILDREN = [("ray.io", "v1", "rayjobs"), ("", "v1", "configmaps"), ("", "v1", "pods"), ("batch", "v1", "jobs")]
+CHILD_KIND = {"rayjobs": "RayJob", "configmaps": "ConfigMap", "pods": "Pod", "jobs": "Job"}
 
 
 def _meta(body: Any) -> tuple[str, str, str, dict[str, str]]:
@@ -38,15 +48,10 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
         elif not body.get("metadata", {}).get("deletionTimestamp"):
             ctx.job_seen(dict(body))
 
-    @kopf.timer(GROUP, VERSION, "finetunejobs", interval=ctx.resync_seconds, registry=registry)
-    async def finetunejob_resync(body: kopf.Body, **_: Any) -> None:
-        ns, name, _uid, _labels = _meta(body)
-        ctx.queue.add(("FineTuneJob", ns, name))
-
-    @kopf.on.delete(GROUP, VERSION, "finetunejobs", registry=registry)
+    @kopf.on.delete(GROUP, VERSION, "finetunejobs", field="spec.backend", value="local", registry=registry)
     def finetunejob_delete(body: kopf.Body, **_: Any) -> None:
         ns, name, uid, _labels = _meta(body)
-        cleanup_job(ctx, ns, name, uid, (body.get("spec") or {}).get("backend", "kuberay"))
+        cleanup_job(ctx, ns, name, uid)
 
     @kopf.on.event(GROUP, VERSION, "datasets", registry=registry)
     async def dataset_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
@@ -56,20 +61,23 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
         else:
             ctx.dataset_seen(dict(body))
 
-    @kopf.timer(GROUP, VERSION, "datasets", interval=ctx.resync_seconds, registry=registry)
-    async def dataset_resync(body: kopf.Body, **_: Any) -> None:
-        ns, name, _uid, _labels = _meta(body)
-        ctx.queue.add(("Dataset", ns, name))
-
     for group, version, plural in CHILDREN:
-        @kopf.on.event(group=group, version=version, plural=plural, labels=managed, registry=registry,
-                       id=f"child-{plural}")
-        async def child_event(body: kopf.Body, **_: Any) -> None:
-            ns, _name, _uid, labels = _meta(body)
-            if labels.get(LABEL_JOB):
-                ctx.queue.add(("FineTuneJob", ns, labels[LABEL_JOB]))
-            elif labels.get(LABEL_DATASET):
-                ctx.queue.add(("Dataset", ns, labels[LABEL_DATASET]))
+        kopf.on.event(group=group, version=version, plural=plural, labels=managed, registry=registry,
+                      id=f"child-{plural}")(_child_handler(ctx, CHILD_KIND[plural]))
+
+
+def _child_handler(ctx: Context, kind: str) -> Callable[..., Any]:
+    async def child_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+        ns, _name, _uid, labels = _meta(body)
+        if event.get("type") != "DELETED" and not ctx.child_seen(kind, dict(body)):
+            ctx.metrics.events_skipped.labels(kind).inc()
+            return  # the operator's own create or update coming back
+        if labels.get(LABEL_JOB):
+            ctx.queue.add(("FineTuneJob", ns, labels[LABEL_JOB]))
+        elif labels.get(LABEL_DATASET):
+            ctx.queue.add(("Dataset", ns, labels[LABEL_DATASET]))
+
+    return child_event
 
 
 def register_lease_heartbeat(registry: kopf.OperatorRegistry, namespace: str, name: str,
@@ -87,15 +95,35 @@ def register_lease_heartbeat(registry: kopf.OperatorRegistry, namespace: str, na
         beat()
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf keeps each object's last handled state (its "diff base", by default an annotation) to
+    tell on.create from on.update handlers what changed, and builds it — a deep copy of the object
+    — for every watch event of every resource. Tailor has no such handler (the local backend's
+    on.delete needs no diff), so nothing is kept (no annotation to write) and what is built holds
+    only `spec.backend`, which kopf matches that handler's field filter against: no deep copy per
+    event (a fifth of the operator's CPU while 1,000 new jobs arrive, measured with py-spy)."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        spec = body.get("spec") or {}
+        return kopf.BodyEssence({"spec": {"backend": spec["backend"]}} if "backend" in spec else {})
+
+    def fetch(self, *, body: kopf.Body) -> Optional[kopf.BodyEssence]:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def configure(settings: kopf.OperatorSettings, workers: int, clusterwide: bool = True) -> None:
     """kopf settings: our own finalizer name, no peering, server-side label selectors for children,
-    and kopf's own bookkeeping (only used by the delete handler) kept in annotations. Watching
+    no diff base (`NoDiffBase`), and the progress of the local backend's delete handler kept in
+    `tailor.dev` annotations while it runs. Watching
     named namespaces, no cluster scan: the chart's namespaced mode grants no `list namespaces`,
     and kopf's scan would retry that for half a minute before watching anything."""
     settings.scanning.disabled = not clusterwide
     settings.persistence.finalizer = "tailor.dev/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tailor.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="tailor.dev")
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.peering.standalone = True
     settings.posting.enabled = False  # Tailor writes its own events (tailor_operator.cluster)
     settings.execution.max_workers = max(workers, 4)

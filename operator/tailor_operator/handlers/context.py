@@ -1,18 +1,22 @@
-"""The operator's runtime state: settings, API access, backends, metrics, and a work queue.
+"""The operator's runtime state: settings, API access, backends, metrics, and the work queue.
 
-kopf feeds events in; every object key goes through one de-duplicating queue served by a fixed
-pool of worker threads, like client-go's workqueue: a key is never reconciled by two threads at
-once, a burst of events for one key becomes one reconcile, and `add_after` schedules the next
-look (backoff, deadlines, progress polling) without a timer per object.
+kopf feeds events in; every object key goes through one `WorkQueue` (handlers/workqueue.py) served
+by a fixed pool of worker threads. Each reconciled object is looked at again every
+`resync_seconds` (level-based: a missed event heals itself), scheduled on that queue rather than
+by a kopf timer, which would put kopf's finalizer on every object.
+
+The operator's own writes come back as watch events. `Context` recognises them — the
+resourceVersion its write returned, or, for FineTuneJobs and Datasets, the same inputs (spec,
+status, generation, deletion) as the last reconcile saw or wrote — and does not reconcile again
+for them: one reconcile per real change.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
+import random
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,168 +27,37 @@ from tailor_operator.backends import RunBackend, ValidationBackend
 from tailor_operator.backends.kuberay import KubeRayBackend, KubeRayValidation
 from tailor_operator.backends.local import LocalBackend, LocalValidation
 from tailor_operator.builders.trainer_access import access_failure_message, build_trainer_access
+from tailor_operator.builders.labels import ANNOTATION_BACKEND, MANAGED_BY, MANAGER
 from tailor_operator.cluster import ApiError, Cluster
+from tailor_operator.handlers.workqueue import Key, WorkQueue
 from tailor_operator.metrics import Metrics
 from tailor_operator.reconcile.plan import Event
 from tailor_operator.reconcile.settings import OperatorSettings
 
 logger = logging.getLogger("tailor.operator")
 
-Key = tuple[str, str, str]  # (kind, namespace, name)
+__all__ = ["Context", "Key", "WorkQueue", "access_created_event", "job_inputs", "dataset_inputs", "utcnow"]
+
+# Child kinds whose watch events enqueue their owner (handlers.CHILDREN): the operator's own
+# writes of these are recognised by resourceVersion when their event comes back.
+CHILD_KINDS = frozenset({"RayJob", "ConfigMap", "Pod", "Job"})
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
-class WorkQueue:
-    """De-duplicating keyed queue with delayed re-adds and per-key exclusivity."""
+def job_inputs(body: dict[str, Any]) -> tuple[Any, ...]:
+    """What a FineTuneJob's reconcile reads from the object itself: two versions with equal inputs
+    (e.g. only labels, annotations or finalizers changed) reconcile to the same plan."""
+    meta = body.get("metadata") or {}
+    return meta.get("generation"), meta.get("deletionTimestamp"), body.get("spec"), body.get("status")
 
-    def __init__(self, process: Callable[[Key], Optional[float]], workers: int = 8,
-                 on_depth: Optional[Callable[[int], None]] = None) -> None:
-        self._process = process
-        self._cond = threading.Condition()
-        self._queue: deque[Key] = deque()
-        self._queued: set[Key] = set()
-        self._processing: set[Key] = set()
-        self._dirty: set[Key] = set()
-        self._timers: list[tuple[float, int, Key]] = []
-        self._due: dict[Key, float] = {}
-        self._failures: dict[Key, int] = {}
-        self._seq = 0
-        self._stopped = False
-        self._started = False
-        # progress tracking for the liveness endpoint
-        self._busy_since: dict[Key, float] = {}
-        self._enqueued_at: dict[Key, float] = {}
-        self.last_done = time.monotonic()
-        self._on_depth = on_depth
-        self._threads = [threading.Thread(target=self._work, name=f"tailor-worker-{i}", daemon=True)
-                         for i in range(workers)]
-        self._threads.append(threading.Thread(target=self._tick, name="tailor-timer", daemon=True))
 
-    def start(self) -> None:
-        self._started = True
-        for t in self._threads:
-            t.start()
-
-    def stop(self, wait: float = 0.0) -> bool:
-        """Stop taking keys; with `wait`, wait up to that long for in-flight reconciles to end.
-        True when none is left running."""
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
-        deadline = time.monotonic() + wait
-        for t in self._threads:
-            if t.is_alive() and t is not threading.current_thread():
-                t.join(max(0.0, deadline - time.monotonic()))
-        with self._cond:
-            return not self._busy_since
-
-    def stuck(self, bound: float) -> Optional[str]:
-        """Why the workers are not making progress, or None: a reconcile running longer than
-        `bound`, a key waiting longer than `bound` while no reconcile finished for as long, or a
-        worker thread gone."""
-        now = time.monotonic()
-        with self._cond:
-            if self._started and not self._stopped and not all(t.is_alive() for t in self._threads):
-                return "a work-queue thread died"
-            for key, since in self._busy_since.items():
-                if now - since > bound:
-                    return f"reconcile of {'/'.join(key)} running for {now - since:.0f}s"
-            oldest = min((self._enqueued_at.get(k, now) for k in self._queue), default=now)
-            if now - oldest > bound and now - self.last_done > bound:
-                return f"{len(self._queue)} keys waiting, none reconciled for {now - self.last_done:.0f}s"
-        return None
-
-    def add(self, key: Key) -> None:
-        with self._cond:
-            self._add_locked(key)
-
-    def _add_locked(self, key: Key) -> None:
-        if key in self._processing:
-            self._dirty.add(key)
-        elif key not in self._queued:
-            self._queue.append(key)
-            self._queued.add(key)
-            self._enqueued_at[key] = time.monotonic()
-            self._cond.notify()
-        if self._on_depth:
-            self._on_depth(len(self._queue))
-
-    def add_after(self, key: Key, delay: float) -> None:
-        if delay <= 0:
-            self.add(key)
-            return
-        due = time.monotonic() + delay
-        with self._cond:
-            if key in self._due and self._due[key] <= due:
-                return  # an earlier look is already scheduled
-            self._due[key] = due
-            self._seq += 1
-            heapq.heappush(self._timers, (due, self._seq, key))
-            self._cond.notify_all()
-
-    def run_exclusive(self, key: Key, fn: Callable[[], Any]) -> Any:
-        """Run fn while no worker reconciles `key` (used by the deletion finalizer)."""
-        with self._cond:
-            while key in self._processing:
-                self._cond.wait(0.5)
-            self._processing.add(key)
-        try:
-            return fn()
-        finally:
-            with self._cond:
-                self._processing.discard(key)
-                self._dirty.discard(key)
-                self._cond.notify_all()
-
-    def _tick(self) -> None:
-        while True:
-            with self._cond:
-                if self._stopped:
-                    return
-                now = time.monotonic()
-                while self._timers and self._timers[0][0] <= now:
-                    due, _, key = heapq.heappop(self._timers)
-                    if self._due.get(key) == due:
-                        del self._due[key]
-                        self._add_locked(key)
-                wait = (self._timers[0][0] - now) if self._timers else 1.0
-                self._cond.wait(min(max(wait, 0.01), 1.0))
-
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopped:
-                    self._cond.wait()
-                if self._stopped:
-                    return
-                key = self._queue.popleft()
-                self._queued.discard(key)
-                self._enqueued_at.pop(key, None)
-                self._processing.add(key)
-                self._busy_since[key] = time.monotonic()
-            requeue: Optional[float] = None
-            try:
-                requeue = self._process(key)
-                self._failures.pop(key, None)
-            except Exception:  # noqa: BLE001 - one object's failure must not stop the operator
-                failures = self._failures.get(key, 0) + 1
-                self._failures[key] = failures
-                requeue = min(0.5 * 2 ** failures, 60.0)
-                logger.exception("reconcile of %s/%s/%s failed (retry in %.1fs)", *key, requeue)
-            finally:
-                with self._cond:
-                    self._processing.discard(key)
-                    self._busy_since.pop(key, None)
-                    self.last_done = time.monotonic()
-                    if key in self._dirty:
-                        self._dirty.discard(key)
-                        self._add_locked(key)
-                    self._cond.notify_all()
-            if requeue is not None:
-                self.add_after(key, requeue)
+def dataset_inputs(body: dict[str, Any]) -> tuple[Any, ...]:
+    """The same for a Dataset, whose `tailor.dev/backend` annotation also counts."""
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    return job_inputs(body) + (annotations.get(ANNOTATION_BACKEND),)
 
 
 def access_created_event(account: Optional[str], created: list[str]) -> Event:
@@ -220,6 +93,15 @@ class Context:
     job_refs: dict[tuple[str, str], str] = field(default_factory=dict)
     last_write: dict[str, float] = field(default_factory=dict)
     fingerprints: dict[tuple[str, str], tuple[Any, Optional[str], float]] = field(default_factory=dict)
+    live: set[Key] = field(default_factory=set)
+    """FineTuneJobs and Datasets that exist (seen in a watch event, not deleted since): resynced."""
+    reconciled: dict[Key, tuple[Any, ...]] = field(default_factory=dict)
+    """The inputs (job_inputs / dataset_inputs) of the version the last reconcile saw or wrote."""
+    own_versions: dict[Key, str] = field(default_factory=dict)
+    """resourceVersion of the operator's last write of an object whose watch event has not come
+    back yet (FineTuneJob/Dataset status, and children)."""
+    trainer_access_checked: dict[str, float] = field(default_factory=dict)
+    """namespace -> when its trainer ServiceAccount/Role/RoleBinding were last found or made."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -229,6 +111,7 @@ class Context:
         self.validations = {Backend.kuberay: KubeRayValidation(self.cluster),
                             Backend.local: LocalValidation(self.workdir)}
         self.queue = WorkQueue(self._process, self.workers, on_depth=self.metrics.queue_depth.set)
+        self.cluster.on_written = self.wrote
 
     def runs_for(self, backend: Backend) -> RunBackend:
         """Where a FineTuneJob with this `spec.backend` runs."""
@@ -242,18 +125,58 @@ class Context:
         kind, namespace, name = key
         started = time.perf_counter()
         try:
-            return self.syncers[kind](self, namespace, name)
+            delay = self.syncers[kind](self, namespace, name)
         except Exception:
             self.metrics.reconcile_errors.labels(kind).inc()
             raise
         finally:
             self.metrics.reconcile_duration.labels(kind).observe(time.perf_counter() - started)
+        with self.lock:
+            live = key in self.live
+        if live:  # the periodic resync, spread by up to 10% so a burst does not come back as one
+            resync = self.resync_seconds * (1 + 0.1 * random.random())
+            delay = resync if delay is None else min(delay, resync)
+        return delay
 
     # ---------------------------------------------------------------------- event bookkeeping
+
+    def wrote(self, kind: str, obj: dict[str, Any]) -> None:
+        """Cluster.on_written: remember the resourceVersion of an object the operator just wrote
+        (`obj`: the object, or only its metadata), when its watch event will come back here (so
+        that event is known to be our own)."""
+        meta = obj.get("metadata") or {}
+        version = meta.get("resourceVersion")
+        if not version:
+            return
+        if kind in CHILD_KINDS and (meta.get("labels") or {}).get(MANAGED_BY) != MANAGER:
+            return  # not watched (e.g. a promotion target ConfigMap): no event comes back
+        if kind not in CHILD_KINDS and kind not in ("FineTuneJob", "Dataset"):
+            return
+        key = (kind, meta.get("namespace", ""), meta.get("name", ""))
+        with self.lock:
+            self.own_versions[key] = version
+            if kind == "FineTuneJob" and "spec" in obj:
+                self.reconciled[key] = job_inputs(obj)
+            elif kind == "Dataset" and "spec" in obj:
+                self.reconciled[key] = dataset_inputs(obj)
+
+    def _own_echo(self, key: Key, body: dict[str, Any]) -> bool:
+        """Whether this watch event is the echo of the operator's own last write (lock held).
+        Any event for the key ends the wait for that echo."""
+        version = (body.get("metadata") or {}).get("resourceVersion")
+        return version is not None and self.own_versions.pop(key, None) == version
+
+    def child_seen(self, kind: str, body: dict[str, Any]) -> bool:
+        """A child's watch event: True when its owner should be reconciled (it is not the echo of
+        the operator's own create or update)."""
+        meta = body.get("metadata") or {}
+        with self.lock:
+            return not self._own_echo((kind, meta.get("namespace", ""), meta.get("name", "")), body)
 
     def job_seen(self, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}
         key = (meta.get("namespace", ""), meta.get("name", ""))
+        qkey = ("FineTuneJob", *key)
         dataset = ((body.get("spec") or {}).get("datasetRef") or {}).get("name")
         with self.lock:
             old = self.job_refs.get(key)
@@ -263,40 +186,92 @@ class Context:
                 if dataset:
                     self.refs.setdefault((key[0], dataset), set()).add(key[1])
                     self.job_refs[key] = dataset
-            self.bodies[("FineTuneJob", *key)] = body
-        self.queue.add(("FineTuneJob", *key))
+            self.bodies[qkey] = body
+            self.live.add(qkey)
+            own = self._own_echo(qkey, body)
+            same = self.reconciled.get(qkey) == job_inputs(body)
+        if own or same:
+            self.metrics.events_skipped.labels("FineTuneJob").inc()
+            return
+        self.queue.add(qkey)
+
+    def job_reconciled(self, namespace: str, name: str, body: dict[str, Any]) -> None:
+        """sync_job saw (and, if it wrote status, wrote) this version: an event with the same
+        inputs needs no reconcile."""
+        with self.lock:
+            self.reconciled[("FineTuneJob", namespace, name)] = job_inputs(body)
 
     def job_gone(self, namespace: str, name: str, uid: str) -> None:
+        qkey = ("FineTuneJob", namespace, name)
         with self.lock:
             dataset = self.job_refs.pop((namespace, name), None)
             if dataset:
                 self.refs.get((namespace, dataset), set()).discard(name)
-            self.bodies.pop(("FineTuneJob", namespace, name), None)
+            self.bodies.pop(qkey, None)
             self.last_write.pop(uid, None)
+            self.live.discard(qkey)
+            self.reconciled.pop(qkey, None)
+            self.own_versions.pop(qkey, None)
+        self.queue.forget(qkey)
         self.metrics.forget_job(uid, namespace, name)
 
     def dataset_seen(self, body: dict[str, Any]) -> None:
+        """A Dataset's watch event: the Dataset is reconciled unless the event is its own write's
+        echo, and the jobs referencing it when what they read of it (spec, status) changed."""
         meta = body.get("metadata") or {}
         key = (meta.get("namespace", ""), meta.get("name", ""))
+        qkey = ("Dataset", *key)
         with self.lock:
+            previous = self.datasets.get(key)
             self.datasets[key] = body
-            self.bodies[("Dataset", *key)] = body
-            dependents = list(self.refs.get(key, ()))
-        self.queue.add(("Dataset", *key))
+            self.bodies[qkey] = body
+            self.live.add(qkey)
+            own = self._own_echo(qkey, body)
+            same = self.reconciled.get(qkey) == dataset_inputs(body)
+            changed = previous is None or dataset_inputs(previous) != dataset_inputs(body)
+            dependents = list(self.refs.get(key, ())) if changed else []
+        if own or same:
+            self.metrics.events_skipped.labels("Dataset").inc()
+        else:
+            self.queue.add(qkey)
         for job in dependents:
             self.queue.add(("FineTuneJob", key[0], job))
 
+    def dataset_written(self, namespace: str, name: str, written: dict[str, Any]) -> None:
+        """sync_dataset wrote this status: the cache holds it at once and the jobs referencing the
+        Dataset are reconciled (its watch event, our own echo, will not enqueue them again)."""
+        with self.lock:
+            self.datasets[(namespace, name)] = written
+            dependents = list(self.refs.get((namespace, name), ()))
+        for job in dependents:
+            self.queue.add(("FineTuneJob", namespace, job))
+
+    def dataset_reconciled(self, namespace: str, name: str, body: dict[str, Any]) -> None:
+        with self.lock:
+            self.reconciled[("Dataset", namespace, name)] = dataset_inputs(body)
+
     def dataset_gone(self, namespace: str, name: str, uid: str) -> None:
+        qkey = ("Dataset", namespace, name)
         with self.lock:
             self.datasets.pop((namespace, name), None)
-            self.bodies.pop(("Dataset", namespace, name), None)
+            self.bodies.pop(qkey, None)
             self.fingerprints.pop((namespace, name), None)
+            self.live.discard(qkey)
+            self.reconciled.pop(qkey, None)
+            self.own_versions.pop(qkey, None)
             dependents = list(self.refs.get((namespace, name), ()))
+        self.queue.forget(qkey)
         for validation in self.validations.values():
             validation.cleanup(namespace, name)
         self.metrics.dataset_ready(uid, None)
         for job in dependents:
             self.queue.add(("FineTuneJob", namespace, job))
+
+    def not_found(self, key: Key) -> None:
+        """A reconcile found the object gone (its DELETED event may never come, e.g. across a
+        watch restart): no more resyncs for it."""
+        with self.lock:
+            self.live.discard(key)
 
     def take_body(self, key: Key) -> Optional[dict[str, Any]]:
         with self.lock:
@@ -311,6 +286,9 @@ class Context:
         account = self.settings.trainer_service_account
         if not account:
             return [], None  # pods run as the namespace's default ServiceAccount
+        checked = self.trainer_access_checked.get(namespace)
+        if checked is not None and time.monotonic() - checked < self.resync_seconds:
+            return [], None  # found or made within a resync period: no three GETs per RayJob
         created: list[str] = []
         for obj in build_trainer_access(namespace, account):
             try:
@@ -322,4 +300,5 @@ class Context:
                 return created, message
         if created:
             logger.info("created %s %s in namespace %s for trainer pods", "/".join(created), account, namespace)
+        self.trainer_access_checked[namespace] = time.monotonic()
         return created, None

@@ -30,12 +30,16 @@ def sync_dataset(ctx: Context, namespace: str, name: str) -> Optional[float]:
     created: list[str] = []  # trainer objects this sync created: one event, even after a 409 and a retry
     for attempt in range(5):
         body = (ctx.take_body(key) if attempt == 0 else None) or ctx.cluster.get("Dataset", namespace, name)
-        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        if body is None:
+            ctx.not_found(key)
+            return None
+        if (body.get("metadata") or {}).get("deletionTimestamp"):
             return None
         try:
             dataset = Dataset.model_validate(body)
         except ValidationError as e:
             logger.error("Dataset %s/%s does not parse: %s", namespace, name, e)
+            ctx.dataset_reconciled(namespace, name, body)
             return None
         now = utcnow()
         observed = observe_dataset(ctx, dataset, now)
@@ -54,11 +58,12 @@ def sync_dataset(ctx: Context, namespace: str, name: str) -> Optional[float]:
             except Conflict:
                 ctx.metrics.status_conflicts.labels("Dataset").inc()
                 continue
-            with ctx.lock:
-                ctx.datasets[(namespace, name)] = written  # dependents see the new revision at once
+            body = written or body
+            ctx.dataset_written(namespace, name, body)  # dependents see the new status at once
         if created:
             plan.events.append(access_created_event(ctx.settings.trainer_service_account, created))
         _apply(ctx, dataset, body, plan)
+        ctx.dataset_reconciled(namespace, name, body)
         ready = get_condition(plan.status.conditions, "Ready")
         ctx.metrics.dataset_ready(dataset.metadata.uid or name, ready.status.value if ready else None)
         return plan.requeue_after

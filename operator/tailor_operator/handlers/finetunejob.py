@@ -4,6 +4,13 @@ Status goes first, guarded by the object's resourceVersion: a 409 means the obje
 us, so the whole step is redone from a fresh read (no action has run yet). Actions after the
 status write are idempotent and level-based, so an operator killed between the two finds the
 status ahead of the world and the next reconcile creates or adopts what is missing.
+
+The reconcile that starts a job's first run makes three writes and no read: its status (Queued,
+run `<job>-r1`), the run's NetworkPolicy and the RayJob (config inside); a model check, when one
+is needed, comes before it. The RayJob is not looked up before it is
+created: a create answering AlreadyExists (a run a predecessor made whose status write was lost)
+adopts it and the job is reconciled again at once. Only when the first reconcile starts no run is
+the name looked up, so such a run is still found and adopted (or stopped) as before.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from tailor_operator.builders.naming import run_name
 from tailor_operator.builders.preflight_job import preflight_key
 from tailor_operator.builders.promotion import build_inference_service_patch, build_target_config_map
 from tailor_operator.cluster import ApiError, Conflict
-from tailor_operator.handlers.context import Context, access_created_event, utcnow
+from tailor_operator.handlers.context import Context, access_created_event, job_inputs, utcnow
 from tailor_operator.metrics import bounded_reason
 from tailor_operator.reconcile import JobObserved, JobPlan, reconcile_finetunejob
 from tailor_operator.reconcile.plan import (
@@ -51,21 +58,34 @@ def sync_job(ctx: Context, namespace: str, name: str) -> Optional[float]:
     body = ctx.take_body(key) or ctx.cluster.get("FineTuneJob", namespace, name)
     created: list[str] = []  # trainer objects this sync created: one event, even after a 409 and a retry
     for _ in range(CONFLICT_RETRIES):
-        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        if body is None:
+            ctx.not_found(key)
+            return None
+        if (body.get("metadata") or {}).get("deletionTimestamp"):
             return None
         try:
             job = FineTuneJob.model_validate(body)
         except ValidationError as e:
             logger.error("FineTuneJob %s/%s does not parse: %s", namespace, name, e)
+            ctx.job_reconciled(namespace, name, body)
             return None
-        observed = observe_job(ctx, job)
-        plan = _reconcile(ctx, job, observed, utcnow(), created)
+        now = utcnow()
+        first = job.status is None or job.status.run_count == 0
+        observed = observe_job(ctx, job, probe_next=not first)
+        plan = _reconcile(ctx, job, observed, now, created)
+        if first and not _starts_run(plan):
+            # no create will tell whether r1 exists: look it up (a run made before a lost status)
+            observed = _with_next_run(ctx, job, observed)
+            if observed.runs:
+                plan = _reconcile(ctx, job, observed, now, created)
         written, delay, body = _write_status(ctx, job, body, plan)
         if not written:
             continue  # the object changed in a way that matters: reconcile the fresh one
         if created:
             plan.events.append(access_created_event(ctx.settings.trainer_service_account, created))
-        _apply(ctx, job, body, plan, observed)
+        if _apply(ctx, job, body, plan, observed):
+            ctx.queue.add(key)  # adopted an existing run: reconcile again, observing it
+        ctx.job_reconciled(namespace, name, body)
         ctx.metrics.job_phase(job.metadata.uid or name, plan.status.phase.value)
         search = plan.status.search
         ctx.metrics.search(namespace, name, search.model_dump(include=set(TRIAL_STATES)) if search else None)
@@ -92,7 +112,19 @@ def _reconcile(ctx: Context, job: FineTuneJob, observed: JobObserved, now: datet
     return plan
 
 
-def observe_job(ctx: Context, job: FineTuneJob) -> JobObserved:
+def _starts_run(plan: JobPlan) -> bool:
+    return any(isinstance(a, StartRun) for a in plan.actions)
+
+
+def _with_next_run(ctx: Context, job: FineTuneJob, observed: JobObserved) -> JobObserved:
+    status = job.status or FineTuneJobStatus()
+    runs = ctx.runs_for(job.spec.backend).observe(job, None, run_name(job.metadata.name, status.run_count + 1))
+    return dataclasses.replace(observed, runs=runs) if runs else observed
+
+
+def observe_job(ctx: Context, job: FineTuneJob, probe_next: bool = True) -> JobObserved:
+    """What the reconcile needs to know. `probe_next`: also look up the run after the current one
+    (False for a job whose status records no run yet: creating r1 finds out, see sync_job)."""
     ns = job.metadata.namespace or "default"
     status = job.status or FineTuneJobStatus()
     ds_body = ctx.datasets.get((ns, job.spec.dataset_ref.name)) or ctx.cluster.get(
@@ -105,7 +137,8 @@ def observe_job(ctx: Context, job: FineTuneJob) -> JobObserved:
             logger.warning("Dataset %s/%s does not parse", ns, job.spec.dataset_ref.name)
     backend = ctx.runs_for(job.spec.backend)
     idle = status.current_run is None or status.completion_time is not None
-    runs = backend.observe(job, status.current_run, run_name(job.metadata.name, status.run_count + 1),
+    following = run_name(job.metadata.name, status.run_count + 1) if probe_next else None
+    runs = backend.observe(job, status.current_run, following,
                            everything=idle and job.spec.ttl_seconds_after_finished is not None)
     inline = None
     if dataset is not None and dataset.spec.source.config_map_ref is not None:
@@ -145,9 +178,7 @@ def _target_uri(ctx: Context, job: FineTuneJob) -> Optional[str]:
 
 def _same_inputs(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Two versions of the object that reconcile to the same plan (e.g. only labels changed)."""
-    ma, mb = a.get("metadata") or {}, b.get("metadata") or {}
-    return (ma.get("generation"), ma.get("deletionTimestamp"), a.get("spec"), a.get("status")) == (
-        mb.get("generation"), mb.get("deletionTimestamp"), b.get("spec"), b.get("status"))
+    return job_inputs(a) == job_inputs(b)
 
 
 def _write_status(ctx: Context, job: FineTuneJob, body: dict[str, Any],
@@ -165,9 +196,9 @@ def _write_status(ctx: Context, job: FineTuneJob, body: dict[str, Any],
         return True, delay, body
     for _ in range(CONFLICT_RETRIES):
         try:
-            ctx.cluster.replace_status({**body, "status": new})
+            written = ctx.cluster.replace_status({**body, "status": new})
             ctx.last_write[uid] = time.monotonic()
-            return True, delay, body
+            return True, delay, written or body
         except Conflict:
             ctx.metrics.status_conflicts.labels("FineTuneJob").inc()
             fresh = ctx.cluster.get("FineTuneJob", job.metadata.namespace, job.metadata.name)
@@ -178,15 +209,22 @@ def _write_status(ctx: Context, job: FineTuneJob, body: dict[str, Any],
     return False, None, ctx.cluster.get("FineTuneJob", job.metadata.namespace, job.metadata.name)
 
 
-def _apply(ctx: Context, job: FineTuneJob, body: dict[str, Any], plan: JobPlan, observed: JobObserved) -> None:
+def _apply(ctx: Context, job: FineTuneJob, body: dict[str, Any], plan: JobPlan, observed: JobObserved) -> bool:
+    """Carry out the plan's actions, then write its events. True when a StartRun found its run
+    already there (adopted): the caller reconciles again, now observing it."""
     backend_name = job.spec.backend.value
     backend = ctx.runs_for(job.spec.backend)
     events = list(plan.events)
+    adopted = False
     for action in plan.actions:
         try:
             if isinstance(action, StartRun):
                 if backend.start(job, action):
                     ctx.metrics.runs_started.labels(backend_name).inc()
+                elif action.run not in observed.runs:
+                    adopted = True
+                    logger.info("%s/%s: run %s already existed; adopting it", job.metadata.namespace,
+                                job.metadata.name, action.run)
             elif isinstance(action, StopRun):
                 backend.stop(job, action.run)
             elif isinstance(action, DeleteRun):
@@ -207,6 +245,7 @@ def _apply(ctx: Context, job: FineTuneJob, body: dict[str, Any], plan: JobPlan, 
         ctx.cluster.create_event(build_event(body, event.type, event.reason, event.message, utcnow(),
                                              ctx.instance))
         _count(ctx, job, plan, observed, event.reason, backend_name)
+    return adopted
 
 
 def _failure_event(action: Any, error: ApiError) -> Event:
@@ -263,14 +302,10 @@ def _count(ctx: Context, job: FineTuneJob, plan: JobPlan, observed: JobObserved,
         m.promotions.labels("rejected").inc()
 
 
-def cleanup_job(ctx: Context, namespace: str, name: str, uid: Optional[str], backend: str) -> None:
-    """Finalizer: remove every child of the job (whatever backend it used) and forget it."""
+def cleanup_job(ctx: Context, namespace: str, name: str, uid: Optional[str]) -> None:
+    """The local backend's finalizer: stop the job's trainer processes and remove their work
+    directories (nothing in the cluster to delete: owner references cover that), then forget it."""
     key = ("FineTuneJob", namespace, name)
-
-    def _cleanup() -> None:
-        ctx.kuberay.cleanup(namespace, name, uid)
-        ctx.local.cleanup(namespace, name)
-
-    ctx.queue.run_exclusive(key, _cleanup)
+    ctx.queue.run_exclusive(key, lambda: ctx.local.cleanup(namespace, name))
     ctx.job_gone(namespace, name, uid or name)
-    logger.info("cleaned up FineTuneJob %s/%s (backend %s)", namespace, name, backend)
+    logger.info("cleaned up local runs of FineTuneJob %s/%s", namespace, name)

@@ -34,11 +34,11 @@ from tailor_operator.api.v1alpha1 import (
     Progress,
     Promotion,
 )
-from tailor_operator.builders.configmaps import build_config_map, build_progress_config_map
+from tailor_operator.builders.configmaps import build_config_map, render_config
 from tailor_operator.builders.naming import run_name
 from tailor_operator.builders.networkpolicy import build_run_network_policy
 from tailor_operator.builders.preflight_job import build_preflight_config_map, build_preflight_job, preflight_key
-from tailor_operator.builders.rayjob import build_rayjob, secret_refs
+from tailor_operator.builders.rayjob import build_rayjob, config_inline, secret_refs
 from tailor_operator.builders.trainer_access import ACCESS_FAILED
 from tailor_operator.builders.trainer_config import build_trainer_config, run_output_uri
 from tailor_operator.reconcile.conditions import FALSE, TRUE, UNKNOWN, get_condition, is_true, set_condition
@@ -377,10 +377,14 @@ def _start(job: FineTuneJob, st: FineTuneJobStatus, run: str, attempt: int, obse
                                   champion=champion)
     children: tuple[dict[str, Any], ...] = ()
     if job.spec.backend is Backend.kuberay:
+        # One create starts the run: the config rides on the RayJob (a ConfigMap only when too
+        # large); the trainer creates its progress ConfigMap itself, which the operator then owns.
+        rendered = render_config(config)
+        inline = config_inline(rendered)
         rayjob = build_rayjob(job, dataset, run, number=st.run_count, attempt=attempt,
                               dataset_revision=st.dataset_revision, config_hash=config.config_hash(),
-                              options=settings.rayjob_options())
-        children = (build_config_map(job, run, config), build_progress_config_map(job, run), rayjob)
+                              options=settings.rayjob_options(), config_json=rendered if inline else None)
+        children = (rayjob,) if inline else (build_config_map(job, run, config), rayjob)
         if settings.ray_network_policy:
             children = (build_run_network_policy(job, run, settings.network_policy_ingress()),) + children
     plan.actions.append(StartRun(run=run, attempt=attempt, config=config, number=st.run_count, children=children))
@@ -477,8 +481,9 @@ def _maybe_start_run(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObser
     st.observed_generation = generation
     st.conditions = [c for c in st.conditions if c.type not in ("Failed", "Retrying", "Evaluated")]
     _start(job, st, run, 1, observed, settings, now, plan)
-    revision = f" on dataset revision {st.dataset_revision}" if st.dataset_revision else ""
-    plan.events.append(Event("Normal", "RunStarted", f"starting run {run}{revision} ({why})"))
+    if why != "FirstRun":  # a job's first run is what creating it asks for: status says it, no event
+        revision = f" on dataset revision {st.dataset_revision}" if st.dataset_revision else ""
+        plan.events.append(Event("Normal", "RunStarted", f"starting run {run}{revision} ({why})"))
 
 
 def _spec_problem(st: FineTuneJobStatus, plan: JobPlan, reason: str, message: str, field: Optional[str],
