@@ -1,15 +1,11 @@
 #!/bin/bash
 # Runs tests/gpu and bench/gpu.py on a GPU machine whose Python has torch but not the rest of the
-# trainer's dependencies (how the figures in bench/RESULTS.md were taken). Prepare the wheels on
-# a machine with network access, in the repo root (x86-64, Python 3.12 on the GPU machine):
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#       -d .whl pydantic pydantic-core annotated-types typing-inspection jsonschema \
-#       jsonschema-specifications referencing rpds-py transformers==<lock> peft==<lock>
-#   ray: unzip its wheel, drop ray/jars, ray/rllib, ray/serve, ray/llm and the dashboard's source
-#   maps, and pack the rest as .whl/ray-slim.tar.xz (79 MB wheel -> 25 MB)
-#   bitsandbytes (QLoRA tests; optional): unzip its wheel, keep only the cuda13x and cpu libraries,
-#   pack as .whl/bnb-slim.tar.xz (43 MB -> 7 MB)
-# then run `bash bench/gpu_device.sh` there with $OUT set to a folder for the logs.
+# trainer's dependencies (how the figures in bench/RESULTS.md are taken). Prepare the wheels here
+# with `bash bench/gpu_wheels.sh` (PyPI only; .whl/, ~55 MB: the lock's pure-Python packages,
+# liger-kernel, and ray and bitsandbytes cut down to what the trainer imports), carry .whl/ along,
+# and run `bash bench/gpu_device.sh` there with $OUT set to a folder for the logs. One call fits
+# the device tool's 10-minute limit: PART=1 (default) runs tests/gpu and the 1B rows with the
+# levers; PART=2 runs the 8B rows (LoRA with the levers, then full). Figures are medians of 3.
 set -u
 OUT=${OUT:-/tmp/tailor-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
@@ -18,12 +14,18 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 python3 -c "import glob, tarfile; [tarfile.open(f).extractall('/tmp/site') for f in glob.glob('.whl/*-slim.tar.xz')]" || exit 4
 export PYTHONPATH=/tmp/site:$PWD/operator:$PWD/trainer
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-echo "== tests/gpu $(( $(date +%s) - t0 ))s"
-timeout 170 python3 -m pytest tests/gpu -v -p no:cacheprovider -o addopts="-ra" 2>&1 | tee "$OUT/gpu-tests.log" | tail -20
-echo "== bench 1b $(( $(date +%s) - t0 ))s"
-timeout 150 python3 bench/gpu.py --sizes 1b --workdir /tmp/bench --json "$OUT/bench-1b.json" 2>&1 | tee "$OUT/bench-1b.log"
-rm -rf /tmp/bench/llama-1b
-left=$(( 545 - ($(date +%s) - t0) ))
-echo "== bench 8b $(( $(date +%s) - t0 ))s, ${left}s left"
-timeout $left python3 bench/gpu.py --sizes 8b --workdir /tmp/bench --json "$OUT/bench-8b.json" 2>&1 | tee "$OUT/bench-8b.log"
+if [ "${PART:-1}" = 1 ]; then
+  echo "== tests/gpu $(( $(date +%s) - t0 ))s"
+  timeout 150 python3 -m pytest tests/gpu -v -p no:cacheprovider -o addopts="-ra" 2>&1 | tee "$OUT/gpu-tests.log" | tail -20
+  echo "== bench 1b $(( $(date +%s) - t0 ))s"
+  timeout $(( 560 - ($(date +%s) - t0) )) python3 bench/gpu.py --sizes 1b --repeat 3 --levers --workdir /tmp/bench \
+      --json "$OUT/bench-1b.json" 2>&1 | tee "$OUT/bench-1b.log"
+else
+  echo "== bench 8b lora $(( $(date +%s) - t0 ))s"
+  timeout 330 python3 bench/gpu.py --sizes 8b --methods lora --repeat 3 --levers --workdir /tmp/bench \
+      --json "$OUT/bench-8b-lora.json" 2>&1 | tee "$OUT/bench-8b-lora.log"
+  echo "== bench 8b full $(( $(date +%s) - t0 ))s"
+  timeout $(( 560 - ($(date +%s) - t0) )) python3 bench/gpu.py --sizes 8b --methods full --repeat 3 \
+      --workdir /tmp/bench --json "$OUT/bench-8b-full.json" 2>&1 | tee "$OUT/bench-8b-full.log"
+fi
 echo "== done $(( $(date +%s) - t0 ))s"
