@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "operator"), str(REPO / "trainer")]
@@ -171,18 +172,18 @@ def run_tailor(model_dir: Path, rows: list[dict], method: str, batch: int, steps
           "precision": "bf16" if DEVICE == "cuda" else "fp32", "maxSeqLength": len(rows[0]["input_ids"]),
           "gradientCheckpointing": GRADIENT_CHECKPOINTING, "checkpointEverySteps": 10**6,
           "evalEverySteps": 10**6, **{k: v for k, v in levers.items() if not k.startswith("env:")}}
-    saved = {k: os.environ.get(k) for k in env}
-    for k, v in env.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
     cfg = TrainerConfig.model_validate({
         "run": {"job": "bench", "name": "bench-r1"}, "model": {"uri": str(model_dir)},
         "dataset": {"source": {"uri": "random.jsonl"}}, "adaptation": adaptation, "hyperparameters": hp,
         "resources": {"workers": 1, "gpusPerWorker": 1 if DEVICE == "cuda" else 0}, "outputUri": "/tmp/unused"})
-    try:
+    with mock.patch.dict(os.environ):  # the environment levers, for this run only
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         model, out = fit(cfg, str(model_dir), rows, [], config_hash="bench", threads=torch.get_num_threads())
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     peak = peak_gib()
     del model
     free()

@@ -5,7 +5,7 @@ dataset's size) and placed best-fit decreasing: longest first, each into the ope
 fills most tightly, a new sequence when none has room. Sequences at least ``FULL`` full are
 emitted; the examples of the emptier ones (the last few that BFD opens) go back to the window to
 fill gaps next time, up to a bounded share, so on skewed length distributions the rows come out
-≥ 97% full (tests/unit/test_pack.py). ``flush`` packs what is left.
+≥ 97% full (tests/unit/test_train_speed.py). ``flush`` packs what is left.
 
 ``position_ids`` restart at 0 at each example, which is how the train stage tells the examples
 apart (it builds block-diagonal attention, or passes them to a varlen kernel), and the first
