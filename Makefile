@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test venv crds lint testenv images node-deps bench clean
+.PHONY: run test venv crds lint testenv images node-deps bench clean mlflow-venv
 
 # Debian packages for the test node and the image builds (docs/testenv.md, docs/images.md).
 NODE_DEPS := containerd runc containernetworking-plugins iptables conntrack podman buildah mmdebstrap gcc libc6-dev
@@ -42,7 +42,12 @@ node-deps:
 images: $(STAMP) node-deps
 	scripts/images build
 
-test: $(STAMP) node-deps testenv images
+# The MLflow server the registry tests start: a pinned mlflow in its own cached venv (not in
+# requirements.lock; the operator speaks MLflow's REST API without the package).
+mlflow-venv: $(STAMP)
+	scripts/mlflow-venv >/dev/null
+
+test: $(STAMP) node-deps testenv images mlflow-venv
 	$(BIN)/python -m pytest
 
 crds: $(STAMP)

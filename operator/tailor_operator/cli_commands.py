@@ -174,10 +174,17 @@ def run(file: Path, job_name: Optional[str], fresh: bool, quiet: bool) -> None:
         raise ManifestError(f"FineTuneJob/{job.metadata.name}: spec.datasetRef.name: Dataset {ref!r} "
                             f"is not in {file} (found: {[d.metadata.name for d in datasets]})")
     ds = matching[0]
+    eval_ref, eval_ds = job.spec.evaluation.dataset_ref, None
+    if eval_ref is not None:  # the fixed evaluation set, from the same file
+        eval_ds = next((d for d in datasets if d.metadata.name == eval_ref.name), None)
+        if eval_ds is None:
+            raise ManifestError(f"FineTuneJob/{job.metadata.name}: spec.evaluation.datasetRef.name: Dataset "
+                                f"{eval_ref.name!r} is not in {file}")
     run_id, attempt = _pick_run(job, fresh)
     try:
         config = build_trainer_config(job, ds, run_id, attempt=attempt, inline_data=_inline_data(ds, config_maps),
-                                      progress_file=PROGRESS_FILE)
+                                      progress_file=PROGRESS_FILE, eval_dataset=eval_ds,
+                                      eval_inline_data=_inline_data(eval_ds, config_maps) if eval_ds else None)
     except ValueError as e:  # a cross-field check of the trainer config (pydantic ValidationError)
         raise ManifestError(f"FineTuneJob/{job.metadata.name}: {e}") from e
     root = _local_dir(config.output_uri)

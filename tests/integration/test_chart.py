@@ -134,7 +134,7 @@ def test_service_monitor_is_opt_in(control_plane) -> None:
                    "--set", "metrics.serviceMonitor.labels.release=prometheus")
     sm = _find(docs, "ServiceMonitor")[0]
     assert sm["metadata"]["labels"]["release"] == "prometheus"
-    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s", "honorLabels": True}]
 
 
 def test_values_schema_rejects_bad_values(control_plane) -> None:

@@ -70,6 +70,7 @@ def test_quickstart_on_the_local_backend(control_plane, k8s_client, namespace, t
         assert ds_status["revision"].startswith("sha256:") and ds_status["rows"] > 100
 
         seen_progress: set[str] = set()
+        reconciling: dict = {}
         phases: list[str] = []
         deadline = time.monotonic() + 420
         while time.monotonic() < deadline:
@@ -81,12 +82,24 @@ def test_quickstart_on_the_local_backend(control_plane, k8s_client, namespace, t
             match = re.search(r"\d+% \d+/\d+", " ".join(row))
             if match:
                 seen_progress.add(match.group(0))
+            if phase == "Running" and not reconciling:
+                reconciling = kube.condition("FineTuneJob", "support-assistant", "Reconciling")
             if phase in ("Succeeded", "Failed"):
                 break
             time.sleep(1)
         status = kube.status("FineTuneJob", "support-assistant")
         assert status.get("phase") == "Succeeded", f"{status}\n{operator.log_tail()}\n{_trainer_log(tmp_path)}"
         assert "Running" in phases and seen_progress, (phases, seen_progress)
+        # GitOps health (kstatus): what `kubectl wait`, Flux and Argo CD read
+        assert reconciling.get("status") == "True" and reconciling.get("reason") in ("Running", "Evaluating"), \
+            reconciling
+        for kind, name in (("ftj", "support-assistant"), ("tds", "support")):
+            control_plane.kubectl("wait", f"{kind}/{name}", "-n", namespace, "--for=condition=Ready",
+                                  "--timeout=30s", check=True)
+        generation = kube.get("FineTuneJob", "support-assistant")["metadata"]["generation"]
+        assert status["observedGeneration"] == generation
+        assert all(c.get("observedGeneration") == generation for c in status["conditions"]), status["conditions"]
+        assert {c["type"] for c in status["conditions"]}.isdisjoint({"Reconciling", "Stalled"})
 
         metrics = status["metrics"]
         assert metrics["loss"] > 0 and metrics["perplexity"] > 1 and "baseLoss" in metrics

@@ -65,8 +65,11 @@ def _settings(overrides: dict[str, Any] | None) -> OperatorSettings:
 
 def _summarise(action: Any) -> dict[str, Any]:
     if isinstance(action, StartRun):
+        ev = action.config.eval_dataset
         return {"startRun": action.run, "attempt": action.attempt,
                 "configHash": action.config.config_hash(),
+                **({"evalDataset": {"name": ev.name, "revision": ev.revision, "fingerprint": ev.content_fingerprint}}
+                   if ev is not None else {}),
                 "children": [f"{c['kind']}/{c['metadata']['name']}" for c in action.children]}
     if isinstance(action, StopRun):
         return {"stopRun": action.run, "reason": action.reason}
@@ -110,7 +113,8 @@ def _job_observed(doc: dict[str, Any]) -> JobObserved:
                                   progress=local.get("progress"), log_tail=local.get("logTail", ""))
         runs[o.run] = o
     dataset = Dataset.model_validate(doc["dataset"]) if doc.get("dataset") else None
-    return JobObserved(dataset=dataset, runs=runs, inline_data=obs.get("inlineData"),
+    eval_dataset = Dataset.model_validate(doc["evalDataset"]) if doc.get("evalDataset") else None
+    return JobObserved(dataset=dataset, runs=runs, inline_data=obs.get("inlineData"), eval_dataset=eval_dataset,
                        model_config=obs.get("modelConfig"), local_slots=obs.get("localSlots"),
                        target_model_uri=obs.get("targetModelUri"), trainer_access_error=obs.get("trainerAccessError"),
                        preflight=_preflight(doc), other_preflights=tuple(obs.get("otherPreflights") or ()))

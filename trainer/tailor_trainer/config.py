@@ -750,8 +750,19 @@ class CrossValidation(CamelModel):
     """Number of folds. Defaults to 5."""
 
 
+class EvalDatasetRef(CamelModel):
+    """A Dataset (same namespace) used as a fixed evaluation set."""
+
+    name: K8sName
+    """Name of the Dataset."""
+    revision: Optional[ShortStr] = None
+    """Use only this revision of it (its status.revision): a run does not start while the Dataset
+    is at another one. Unset: whatever revision it is at when the run starts (recorded with the
+    run's decision)."""
+
+
 class Evaluation(CamelModel):
-    """What to measure after training, on the held-out test split."""
+    """What to measure after training, on the held-out test split (or a fixed evaluation set)."""
 
     metrics: list[Metric] = Field(
         default_factory=lambda: [Metric.loss, Metric.perplexity, Metric.accuracy], max_length=8
@@ -772,6 +783,20 @@ class Evaluation(CamelModel):
     """Evaluate on at most this many test rows (the same rows every run). All by default."""
     gates: list[Gate] = Field(default_factory=list, max_length=16)
     """Thresholds that fail the run when missed, e.g. [{metric: loss, max: 2.5}]."""
+    dataset_ref: Optional[EvalDatasetRef] = None
+    """A fixed evaluation set: every row this Dataset's validation keeps (all its splits, at most
+    maxEvalRows) replaces the run's own test split for every measurement, so each candidate and
+    the champion it is compared with are scored on the same rows whatever the training Dataset's
+    revision. The Dataset must be Ready (and at datasetRef.revision when set)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_ref(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent rather than null when unset: config hashes of jobs without one stay what they were.
+        out = handler(self)
+        if self.dataset_ref is None:
+            out.pop("datasetRef", None)
+            out.pop("dataset_ref", None)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -880,6 +905,27 @@ class ChampionRef(CamelModel):
     """Its metrics when promoted (for the report)."""
 
 
+class Comparison(CamelModel):
+    """How the evaluate stage compares the candidate with the champion (else the base model):
+    the promotion metric's improvement and a paired-bootstrap interval for it
+    (tailor_trainer.significance). Filled by the operator from continuousLearning.promotion."""
+
+    metric: Metric = Metric.loss
+    """The metric compared."""
+    higher_is_better: Optional[bool] = None
+    """Direction; defaults to the metric's natural one."""
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    """Two-sided confidence of the interval."""
+    resamples: int = Field(2000, ge=100, le=100_000)
+    """Bootstrap resamples."""
+    seed: int = 0
+    """Seed of the resampling (the same rows and seed give the same interval)."""
+
+    @property
+    def higher(self) -> bool:
+        return self.metric.higher_is_better if self.higher_is_better is None else self.higher_is_better
+
+
 SEARCH_LORA_NEEDS_LORA = "search.space.lora applies only to adaptation.method lora, dora or qlora"
 SEARCH_EPOCHS_NOT_WITH_MAX_STEPS = ("search.space.epochs cannot be combined with hyperparameters.maxSteps (they are "
                                     "mutually exclusive); cap trials with search.maxTrialSteps instead")
@@ -922,13 +968,32 @@ class TrainerConfig(CamelModel):
     champion: Optional[ChampionRef] = None
     search: Optional[Search] = None
     """A hyperparameter search in the train stage (FineTuneJob spec.search)."""
+    eval_dataset: Optional[ResolvedDataset] = None
+    """The fixed evaluation set (evaluation.datasetRef) as the operator resolved it: its spec, the
+    revision and content fingerprint its validation found. The evaluate stage prepares it like a
+    held-out split and scores every model on it."""
+    comparison: Optional[Comparison] = None
+    """How the candidate is compared with the champion (defaults: loss, 95%)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent rather than null when unset: configs of runs without them render as before.
+        out = handler(self)
+        for name, alias in (("eval_dataset", "evalDataset"), ("comparison", "comparison")):
+            if getattr(self, name) is None:
+                out.pop(name, None)
+                out.pop(alias, None)
+        return out
 
     def config_hash(self) -> str:
         """Hash of what determines the result (run identity and sinks excluded), for lineage and
         for deciding whether a finished stage can be reused. A config without a search hashes as
         it did before searches existed; the speed levers (SPEED_LEVERS) are left out: they change
         how fast, not what, a run computes, so a run may resume with them changed."""
-        exclude: dict[str, Any] = {k: True for k in ("run", "progress", "champion", "output_uri")}
+        # The evaluation set and the comparison change only what evaluate measures, never the
+        # prep/train stages this hash lets a retry reuse (evaluation.datasetRef, a spec field, does).
+        exclude: dict[str, Any] = {k: True for k in ("run", "progress", "champion", "output_uri",
+                                                      "eval_dataset", "comparison")}
         if self.search is None:
             exclude["search"] = True
         exclude["hyperparameters"] = set(SPEED_LEVERS)

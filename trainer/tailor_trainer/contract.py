@@ -90,6 +90,33 @@ class ChampionResult(_Lenient):
     promoted_metrics: Optional[Metrics] = None
 
 
+class Interval(_Lenient):
+    """The candidate's improvement over another model on the same rows, with its paired-bootstrap
+    interval (tailor_trainer.significance); positive is better in the metric's direction."""
+
+    metric: Optional[str] = None
+    against: Optional[str] = None
+    """The champion's run, or "base"."""
+    improvement: Optional[float] = None
+    low: Optional[float] = None
+    high: Optional[float] = None
+    confidence: Optional[float] = None
+    rows: Optional[int] = None
+    resamples: Optional[int] = None
+    seed: Optional[int] = None
+
+
+class EvaluatedOn(_Lenient):
+    """The rows every model was scored on: the fixed evaluation set (dataset, revision) or the
+    run's own held-out split."""
+
+    split: Optional[str] = None
+    dataset: Optional[str] = None
+    revision: Optional[str] = None
+    fingerprint: Optional[str] = None
+    rows: Optional[int] = None
+
+
 class Gate(_Lenient):
     metric: Optional[str] = None
     min: Optional[float] = None
@@ -158,6 +185,9 @@ class RunResult(_Lenient):
     metrics: Metrics = {}
     """Numeric metrics only (null and non-numeric entries are dropped on read)."""
     champion: Optional[ChampionResult] = None
+    evaluated_on: Optional[EvaluatedOn] = None
+    comparison: Optional[Interval] = None
+    """Improvement over the champion (else the base model) with its interval."""
     gates: list[Gate] = []
     artifacts: dict[str, Optional[str]] = {}
     validation_loss: Optional[float] = None
@@ -228,5 +258,5 @@ def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-__all__ = ["ChampionResult", "Gate", "PROGRESS_FILE", "ProgressDoc", "RESULT_FILE", "RunError", "RunResult",
+__all__ = ["ChampionResult", "EvaluatedOn", "Gate", "Interval", "PROGRESS_FILE", "ProgressDoc", "RESULT_FILE", "RunError", "RunResult",
            "STAGE_ORDER", "SearchSummary", "Trial", "numeric_metrics"]

@@ -217,6 +217,37 @@ footer{color:var(--mute);font-size:12px;text-align:center;margin-top:26px}
 """
 
 
+def _evaluated_on(on: dict[str, Any]) -> str:
+    """``120 rows of evaluation Dataset support-eval (revision r1)`` or ``40 held-out test rows``."""
+    rows = on.get("rows", "–")
+    if on.get("dataset"):
+        return f"{rows} rows of evaluation Dataset {on['dataset']} (revision {on.get('revision') or '–'})"
+    return f"{rows} held-out {on.get('split') or 'test'} rows"
+
+
+def _comparison_section(result: dict[str, Any]) -> list[str]:
+    """The improvement over the champion (else the base model) and its paired-bootstrap interval."""
+    c = result.get("comparison")
+    if not c:
+        return []
+    against = "the base model" if c["against"] == "base" else f"champion {c['against']}"
+    verdict = ("the whole interval is an improvement" if c["low"] > 0 else
+               "the whole interval is a regression" if c["high"] < 0 else
+               "the interval includes no change: the difference may be noise")
+    cls = "good" if c["low"] > 0 else ("bad" if c["high"] < 0 else "")
+    pct = f"{100 * c['confidence']:g}%"
+    return ["<section><h2>Compared with " + escape(against) + "</h2><table><tr><th>Metric</th>"
+            "<th class=num>Improvement</th><th class=num>" + pct + " interval</th><th class=num>Rows</th>"
+            "<th>Reading</th></tr>",
+            f"<tr><td>{escape(c['metric'])}</td><td class='num {cls}'>{_fmt(c['improvement'])}</td>"
+            f"<td class=num>[{_fmt(c['low'])}, {_fmt(c['high'])}]</td><td class=num>{c['rows']}</td>"
+            f"<td>{verdict}</td></tr></table>",
+            "<p style='color:var(--mute)'>Positive is better. Paired bootstrap: both models scored on "
+            f"the same {escape(_evaluated_on(result.get('evaluatedOn') or {}))}, {c.get('resamples')} "
+            f"resamples of those rows (seed {c.get('seed')}), the metric recomputed as reported "
+            "(token-weighted for loss and accuracy) for both on each.</p></section>"]
+
+
 def report_html(cfg: TrainerConfig, result: dict[str, Any], samples: dict[str, Any],
                 plan: dict[str, Any], png: bytes) -> str:
     """The run report: headline cards, metrics base vs tuned (vs champion), gates, the loss
@@ -234,7 +265,7 @@ def report_html(cfg: TrainerConfig, result: dict[str, Any], samples: dict[str, A
         f"<header><div class=in><h1>{escape(result.get('run', ''))}{badge}</h1><div class=sub>"
         f"{escape(cfg.adaptation.method.value)} fine-tune of <b>{escape(cfg.model.uri)}</b> on dataset "
         f"<b>{escape(cfg.dataset.name)}</b> (revision {escape(str(result.get('datasetRevision') or '–'))})"
-        f" · {result.get('evaluatedOn', {}).get('rows', '–')} held-out {escape(str(result.get('evaluatedOn', {}).get('split', 'test')))} rows</div></div></header><main>",
+        f" · {escape(_evaluated_on(result.get('evaluatedOn') or {}))}</div></div></header><main>",
     ]
     cards = []
     for key, label, higher in _METRICS:
@@ -287,6 +318,7 @@ def report_html(cfg: TrainerConfig, result: dict[str, Any], samples: dict[str, A
         h.append("</table>")
     h.append("</section>")
 
+    h += _comparison_section(result)
     h.append("<section><h2>Loss</h2><img alt='loss curve' src='data:image/png;base64,"
              + base64.b64encode(png).decode() + "'></section>")
 
@@ -384,8 +416,7 @@ def model_card(cfg: TrainerConfig, result: dict[str, Any], plan: dict[str, Any],
         lines += [f"# The base model's MLP activation was changed to {cfg.adaptation.activation.value}: "
                   "load the merged model, or set it on the base before attaching this adapter."]
     lines += ["```", "", "## Evaluation", "",
-              f"On {result.get('evaluatedOn', {}).get('rows', '?')} held-out "
-              f"{result.get('evaluatedOn', {}).get('split', 'test')} rows, never seen in training:", "",
+              f"On {_evaluated_on(result.get('evaluatedOn') or {})}, never seen in training:", "",
               "| metric | base | fine-tuned |", "| --- | ---: | ---: |"]
     for key, label, _ in _METRICS:
         if key in m:

@@ -161,7 +161,8 @@ class DatasetStatus(CamelModel):
     tokens: dict[str, float] = Field(default_factory=dict)
     """Token-length statistics when a tokenizer was available (mean, p50, p95, max, overLimit)."""
     conditions: list[Condition] = Field(default_factory=list)
-    """Ready (data validated and usable by jobs) and Validating."""
+    """Ready (data validated and usable by jobs), Reconciling (a validation in flight), Stalled
+    (validation failed or refused) and Validating."""
     observed_generation: Optional[int] = None
     """metadata.generation last acted on."""
     last_updated: Optional[datetime] = None
@@ -276,10 +277,21 @@ class ConfigMapTarget(CamelModel):
 
 
 class InferenceServiceTarget(CamelModel):
-    """Point a KServe InferenceService's predictor storageUri at the champion."""
+    """Point a KServe InferenceService's predictor storageUri at the champion, optionally as a
+    canary first (KServe's spec.predictor.canaryTrafficPercent)."""
 
     name: K8sName
     """InferenceService name (same namespace)."""
+    canary_traffic_percent: Optional[int] = Field(None, ge=1, le=99)
+    """Staged rollout: a new champion first gets this share of traffic (KServe
+    canaryTrafficPercent; the previous model keeps the rest), and all of it once the
+    InferenceService has reported it Ready for canaryHoldSeconds. Unset: straight to 100%."""
+    canary_hold_seconds: int = Field(300, ge=0, le=604_800)
+    """How long the canary must stay Ready at canaryTrafficPercent before it gets all traffic.
+    Defaults to 300."""
+    progress_deadline_seconds: int = Field(600, ge=1, le=604_800)
+    """Roll back a canary that is not Ready this long after it started (it is rolled back at
+    once when the InferenceService reports Ready False for it). Defaults to 600."""
 
 
 class RolloutTarget(
@@ -319,6 +331,15 @@ class Promotion(CamelModel):
     """min (lower is better) or max. Defaults to the metric's natural direction."""
     min_improvement: float = Field(0.0, ge=0.0)
     """Smallest improvement over the champion (absolute) that promotes. Defaults to 0."""
+    confidence: Optional[float] = Field(None, gt=0.5, lt=1.0)
+    """Promote only when the improvement is significant: the lower bound of its paired-bootstrap
+    interval at this confidence (e.g. 0.95), computed on the rows both models were scored on,
+    clears minImprovement. Unset: the point estimate decides (the interval is still reported)."""
+    pinned_run: Optional[K8sName] = None
+    """Rollback / pinning: while set, the champion and the target are this recorded run
+    (`<job>-r<N>`, a Succeeded run in status.history with a model) and stay there; new runs still
+    train and are compared with it but are never promoted. Remove it to let the next better run
+    promote."""
     target: Optional[RolloutTarget] = None
     """Where the promotion is applied. Only status.champion changes when unset."""
 
@@ -419,6 +440,8 @@ class FineTuneJobSpec(
     FineTuneJob and its artifacts stay."""
     queue_name: Optional[K8sLabel] = None
     """Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on the RayJob."""
+    registry: Optional[RegistrySpec] = None
+    """Register successful runs in the installation's model registry (MLflow). Off by default."""
     search: Optional[Search] = None
     """A bounded hyperparameter search inside the run (Ray Tune): trials with values drawn from
     search.space, hopeless ones stopped early (ASHA), the best one evaluated and promoted like a
@@ -540,8 +563,41 @@ class ChampionStatus(CamelModel):
     """When it was promoted."""
 
 
+class EvaluatedOn(CamelModel):
+    """Where a run was evaluated."""
+
+    dataset: Optional[str] = None
+    """The fixed evaluation Dataset (spec.evaluation.datasetRef); unset: the run's own split."""
+    revision: Optional[str] = None
+    """Its revision."""
+    split: Optional[str] = None
+    """The run's held-out split (test, else validation) when no fixed set is used."""
+    rows: Optional[int] = None
+    """Rows scored."""
+
+
+class ImprovementInterval(CamelModel):
+    """The improvement of a candidate over another model on the same rows (positive: better, in
+    the metric's direction) and its paired-bootstrap confidence interval."""
+
+    metric: str
+    """The metric compared (continuousLearning.promotion.metric)."""
+    against: str
+    """The model compared with: the champion's run, or `base`."""
+    improvement: float
+    """Point estimate on all the rows."""
+    low: float
+    """Lower bound of the interval."""
+    high: float
+    """Upper bound of the interval."""
+    confidence: float
+    """Two-sided confidence of the interval, e.g. 0.95."""
+    rows: int
+    """Rows resampled (paired: both models on each)."""
+
+
 class HistoryEntry(CamelModel):
-    """One finished run."""
+    """One finished run, or a rollback (reason Pinned / Unpinned)."""
 
     run: str
     """Run name, `<job>-r<N>`."""
@@ -557,6 +613,56 @@ class HistoryEntry(CamelModel):
     """Why it was or was not promoted (Improved, NotBetter, ...), or why it failed."""
     completion_time: Optional[datetime] = None
     """When it finished."""
+    model: Optional[str] = None
+    """Its model directory (succeeded runs), what a model registry version points at."""
+    evaluated_on: Optional[EvaluatedOn] = None
+    """The rows its metrics were measured on: the fixed evaluation set and its revision, or the
+    run's own held-out split."""
+    interval: Optional[ImprovementInterval] = None
+    """Its improvement over the model it was compared with (the champion, else the base model) on
+    those rows, with a paired-bootstrap confidence interval."""
+    config_hash: Optional[str] = None
+    """Hash of the TrainerConfig it ran with."""
+
+
+class RolloutPhase(str, Enum):
+    progressing = "Progressing"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
+class RolloutStatus(CamelModel):
+    """Where the staged rollout (canary) of the latest champion into its InferenceService stands."""
+
+    phase: RolloutPhase
+    """Progressing (canary at canaryTrafficPercent), Succeeded (all traffic) or Failed (rolled
+    back to the previous champion)."""
+    run: str
+    """The run being rolled out."""
+    model: str
+    """Its model directory."""
+    canary_traffic_percent: Optional[int] = None
+    """Traffic share the canary has while Progressing."""
+    started_at: datetime
+    """When the canary started."""
+    ready_since: Optional[datetime] = None
+    """Since when the InferenceService reports the canary Ready (canaryHoldSeconds count from here)."""
+    finished_at: Optional[datetime] = None
+    """When it got all traffic or was rolled back."""
+    message: Optional[Text] = None
+    """What the last step found."""
+    previous: Optional[ChampionStatus] = None
+    """The champion before it: restored on rollback."""
+
+
+class RegistrySpec(CamelModel):
+    """Register each successful run as a model version in the installation's MLflow model
+    registry; promotions and rollbacks move its `champion` alias. Needs the operator's registry
+    settings (the tenant never chooses the registry's address)."""
+
+    model_name: Optional[K8sName] = None
+    """Registered model name, always prefixed with the namespace: `<namespace>.<modelName>`.
+    Defaults to the job's name."""
 
 
 class JobError(CamelModel):
@@ -615,7 +721,8 @@ class FineTuneJobStatus(CamelModel):
     stage: Optional[Literal["prep", "adapt", "train", "evaluate"]] = None
     """Pipeline stage the current run is in (or finished in)."""
     conditions: list[Condition] = Field(default_factory=list)
-    """DataValidated, ModelChecked, Running, Retrying, Evaluated, Promoted, Failed, Suspended."""
+    """Ready, Reconciling and Stalled (the kstatus summary GitOps tools read), then DataValidated,
+    ModelChecked, Running, Retrying, Evaluated, Promoted, Failed, Suspended."""
     progress: Optional[Progress] = None
     """Training progress of the current run."""
     search: Optional[SearchStatus] = None
@@ -638,6 +745,8 @@ class FineTuneJobStatus(CamelModel):
     """Where the last evaluated run's outputs are."""
     champion: Optional[ChampionStatus] = None
     """The promoted model (continuous learning: only a better candidate replaces it)."""
+    rollout: Optional[RolloutStatus] = None
+    """The staged rollout of the latest champion (InferenceService target with canaryTrafficPercent)."""
     history: list[HistoryEntry] = Field(default_factory=list, max_length=100)
     """Finished runs, oldest first (continuousLearning.historyLimit entries)."""
     start_time: Optional[datetime] = None
@@ -645,7 +754,11 @@ class FineTuneJobStatus(CamelModel):
     completion_time: Optional[datetime] = None
     """When the current run finished."""
     observed_generation: Optional[int] = None
-    """metadata.generation last acted on."""
+    """metadata.generation the operator last reconciled (kstatus: the status describes that spec)."""
+    run_generation: Optional[int] = None
+    """metadata.generation the current run started from (or the latest spec the operator had
+    nothing to do for, or refused). A training-field edit during a run waits for the next run;
+    a Failed job whose generation differs from it starts a new run."""
     error: Optional[JobError] = None
     """Why the job failed or is blocked (also while an attempt waits to be retried)."""
 

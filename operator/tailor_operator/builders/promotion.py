@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from tailor_operator.api.v1alpha1 import FineTuneJob, RolloutTarget
 from tailor_operator.builders.labels import LABEL_JOB, MANAGED_BY, MANAGER
@@ -28,9 +28,15 @@ def build_target_config_map(job: FineTuneJob, target: RolloutTarget, run: str, m
     }
 
 
-def build_inference_service_patch(run: str, model_uri: str) -> dict[str, Any]:
-    """JSON merge patch for a KServe InferenceService (v1beta1): the predictor's model storageUri."""
+def build_inference_service_patch(run: str, model_uri: str, canary_traffic_percent: Optional[int] = None,
+                                  manage_canary: bool = False) -> dict[str, Any]:
+    """JSON merge patch for a KServe InferenceService (v1beta1): the predictor's model storageUri.
+    With `manage_canary` (a staged rollout), also spec.predictor.canaryTrafficPercent: the canary's
+    share, or null (removed: KServe sends all traffic to the latest ready revision)."""
+    predictor: dict[str, Any] = {"model": {"storageUri": model_uri}}
+    if manage_canary:
+        predictor["canaryTrafficPercent"] = canary_traffic_percent
     return {
         "metadata": {"annotations": {ANNOTATION_CHAMPION: run}},
-        "spec": {"predictor": {"model": {"storageUri": model_uri}}},
+        "spec": {"predictor": predictor},
     }

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tailor_operator.api.v1alpha1 import Dataset, FineTuneJob
+from tailor_operator.api.v1alpha1 import Dataset, FineTuneJob, PromotionMode
 from tailor_operator.builders.naming import progress_config_map_name
 from tailor_trainer.config import (
     ChampionRef,
+    Comparison,
     ProgressSink,
     ResolvedDataset,
     RunInfo,
@@ -59,6 +60,8 @@ def build_trainer_config(
     inline_data: Optional[str] = None,
     progress_file: Optional[str] = None,
     champion: Optional[ChampionRef] = None,
+    eval_dataset: Optional[Dataset] = None,
+    eval_inline_data: Optional[str] = None,
 ) -> TrainerConfig:
     """Everything the trainer reads; no API calls (the caller resolves revision and inline data).
 
@@ -68,6 +71,10 @@ def build_trainer_config(
 
     The progress sink is a file for the local backend (`progress_file`), else the ConfigMap
     `<run>-progress` that the operator watches.
+
+    `eval_dataset`: the fixed evaluation set (spec.evaluation.datasetRef), already checked Ready by
+    the caller (reconcile/evalset.py); it goes in at the revision its status names, pinned to the
+    fingerprint its validation found.
     """
     spec = job.spec
     namespace = job.metadata.namespace or "default"
@@ -103,4 +110,27 @@ def build_trainer_config(
         progress=sink,
         champion=champion,
         search=spec.search,
+        eval_dataset=_eval_dataset(eval_dataset, eval_inline_data) if spec.evaluation.dataset_ref else None,
+        comparison=comparison(job),
     )
+
+
+def _eval_dataset(dataset: Optional[Dataset], inline_data: Optional[str]) -> Optional[ResolvedDataset]:
+    if dataset is None:
+        return None
+    # the revision its validation found (`tailor run`, with no API server: the spec's own)
+    revision = dataset.status.revision if dataset.status else dataset.spec.revision
+    return ResolvedDataset(**dataset.spec.model_dump(exclude={"revision", "refresh_interval"}),
+                           name=dataset.metadata.name, revision=revision,
+                           content_fingerprint=_pinned_fingerprint(dataset, revision), inline_data=inline_data)
+
+
+def comparison(job: FineTuneJob) -> Optional[Comparison]:
+    """What the evaluate stage compares and at which confidence: the promotion policy's metric and
+    direction (continuous learning), else None (the trainer's defaults: loss, 95%)."""
+    cl = job.spec.continuous_learning
+    if cl is None:
+        return None
+    p = cl.promotion
+    higher = None if p.mode is None else p.mode is PromotionMode.max
+    return Comparison(metric=p.metric, higher_is_better=higher, confidence=p.confidence or 0.95)

@@ -33,6 +33,7 @@ from tailor_operator.handlers.workqueue import Key, WorkQueue
 from tailor_operator.metrics import Metrics
 from tailor_operator.reconcile.plan import Event
 from tailor_operator.reconcile.settings import OperatorSettings
+from tailor_operator.registry import RegistrySync
 
 logger = logging.getLogger("tailor.operator")
 
@@ -82,6 +83,8 @@ class Context:
     runs: dict[Backend, RunBackend] = field(init=False)
     validations: dict[Backend, ValidationBackend] = field(init=False)
     queue: WorkQueue = field(init=False)
+    registry: RegistrySync = field(init=False)
+    """The model registry sync (MLflow; inert when settings.registry_uri is empty)."""
     syncers: dict[str, Callable[["Context", str, str], Optional[float]]] = field(default_factory=dict)
     """Reconcile function per kind ("FineTuneJob", "Dataset"), installed by handlers.register."""
     bodies: dict[Key, dict[str, Any]] = field(default_factory=dict)
@@ -112,6 +115,7 @@ class Context:
                             Backend.local: LocalValidation(self.workdir)}
         self.queue = WorkQueue(self._process, self.workers, on_depth=self.metrics.queue_depth.set)
         self.cluster.on_written = self.wrote
+        self.registry = RegistrySync.from_settings(self.settings.registry_uri, self.settings.registry_timeout_seconds)
 
     def runs_for(self, backend: Backend) -> RunBackend:
         """Where a FineTuneJob with this `spec.backend` runs."""
@@ -213,6 +217,7 @@ class Context:
             self.reconciled.pop(qkey, None)
             self.own_versions.pop(qkey, None)
         self.queue.forget(qkey)
+        self.registry.forget(uid)
         self.metrics.forget_job(uid, namespace, name)
 
     def dataset_seen(self, body: dict[str, Any]) -> None:
@@ -263,7 +268,7 @@ class Context:
         self.queue.forget(qkey)
         for validation in self.validations.values():
             validation.cleanup(namespace, name)
-        self.metrics.dataset_ready(uid, None)
+        self.metrics.dataset_ready(uid, None, namespace, name)
         for job in dependents:
             self.queue.add(("FineTuneJob", namespace, job))
 

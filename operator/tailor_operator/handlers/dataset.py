@@ -65,7 +65,7 @@ def sync_dataset(ctx: Context, namespace: str, name: str) -> Optional[float]:
         _apply(ctx, dataset, body, plan)
         ctx.dataset_reconciled(namespace, name, body)
         ready = get_condition(plan.status.conditions, "Ready")
-        ctx.metrics.dataset_ready(dataset.metadata.uid or name, ready.status.value if ready else None)
+        ctx.metrics.dataset_ready(dataset.metadata.uid or name, ready.status.value if ready else None, namespace, name)
         return plan.requeue_after
     logger.info("Dataset %s/%s keeps changing under the operator; trying again shortly", namespace, name)
     return 1.0

@@ -45,6 +45,7 @@ from tailor_operator.reconcile.plan import (
     StopRun,
 )
 from tailor_operator.reconcile.policy import path_allowed
+from tailor_operator.reconcile.rollout import InferenceServiceObserved, observe_inference_service
 from tailor_operator.reconcile.search import TRIAL_STATES
 from tailor_operator.reconcile.status import status_body, write_decision
 
@@ -85,13 +86,17 @@ def sync_job(ctx: Context, namespace: str, name: str) -> Optional[float]:
             plan.events.append(access_created_event(ctx.settings.trainer_service_account, created))
         if _apply(ctx, job, body, plan, observed):
             ctx.queue.add(key)  # adopted an existing run: reconcile again, observing it
+        registry_delay, registry_news = ctx.registry.sync(job, plan.status)
+        if registry_news:
+            ctx.queue.add(key)  # the Registered condition changes: reconcile again to write it
         ctx.job_reconciled(namespace, name, body)
         ctx.metrics.job_phase(job.metadata.uid or name, plan.status.phase.value)
         search = plan.status.search
         ctx.metrics.search(namespace, name, search.model_dump(include=set(TRIAL_STATES)) if search else None)
+        ctx.metrics.job_status(namespace, name, plan.status, job.spec.continuous_learning is not None)
         if delay is not None:
             ctx.metrics.status_writes_deferred.labels("FineTuneJob").inc()
-        delays = [x for x in (plan.requeue_after, delay) if x is not None]
+        delays = [x for x in (plan.requeue_after, delay, registry_delay) if x is not None]
         return min(delays) if delays else None
     logger.info("FineTuneJob %s/%s keeps changing under the operator; trying again shortly", namespace, name)
     return 1.0
@@ -146,34 +151,58 @@ def observe_job(ctx: Context, job: FineTuneJob, probe_next: bool = True) -> JobO
         cm = ctx.cluster.get("ConfigMap", ns, ref.name) or {}
         data = cm.get("data") or {}
         inline = data.get(ref.key) if ref.key else next(iter(data.values()), None)
+    eval_dataset, eval_inline = _eval_dataset(ctx, job)
     allowed = path_allowed(job.spec.base_model.uri, ctx.settings)  # else refused: not read at all
     model_config = read_model_config(job.spec.base_model.uri) if idle and allowed else None
     slots = ctx.local.free_slots() if job.spec.backend is Backend.local else None
     preflight, other_preflights = None, ()
     # read only when a run may start (first run, spec edit, continuous learning): GETs stay O(1)
     may_start = status.run_count == 0 or job.spec.continuous_learning is not None \
-        or job.metadata.generation != status.observed_generation
+        or job.metadata.generation != status.run_generation
     if job.spec.backend is Backend.kuberay and ctx.settings.model_preflight and idle and may_start \
             and model_config is None:
         preflight, other_preflights = KubeRayPreflight(ctx.cluster).observe(
             job, preflight_key(job, ctx.settings.trainer_image))
+    target_uri, isvc = _observe_target(ctx, job)
     return JobObserved(dataset=dataset, runs=runs, inline_data=inline, model_config=model_config,
-                       local_slots=slots, target_model_uri=_target_uri(ctx, job), preflight=preflight,
-                       other_preflights=other_preflights)
+                       eval_dataset=eval_dataset, eval_inline_data=eval_inline,
+                       local_slots=slots, target_model_uri=target_uri, inference_service=isvc, preflight=preflight,
+                       other_preflights=other_preflights, registry=ctx.registry.observed(job))
 
 
-def _target_uri(ctx: Context, job: FineTuneJob) -> Optional[str]:
+def _eval_dataset(ctx: Context, job: FineTuneJob) -> tuple[Optional[Dataset], Optional[str]]:
+    """The fixed evaluation set (spec.evaluation.datasetRef) and its configMapRef data, if any
+    (from the watch cache, as the training Dataset)."""
+    ref = job.spec.evaluation.dataset_ref
+    if ref is None:
+        return None, None
+    ns = job.metadata.namespace or "default"
+    body = ctx.datasets.get((ns, ref.name)) or ctx.cluster.get("Dataset", ns, ref.name)
+    try:
+        dataset = Dataset.model_validate(body) if body is not None else None
+    except ValidationError:
+        logger.warning("Dataset %s/%s does not parse", ns, ref.name)
+        return None, None
+    if dataset is None or dataset.spec.source.config_map_ref is None:
+        return dataset, None
+    cm_ref = dataset.spec.source.config_map_ref
+    data = (ctx.cluster.get("ConfigMap", ns, cm_ref.name) or {}).get("data") or {}
+    return dataset, (data.get(cm_ref.key) if cm_ref.key else next(iter(data.values()), None))
+
+
+def _observe_target(ctx: Context, job: FineTuneJob) -> tuple[Optional[str], Optional[InferenceServiceObserved]]:
+    """What the promotion target points at, and the InferenceService (spec and status) if it is one."""
     cl = job.spec.continuous_learning
     target = cl.promotion.target if cl is not None else None
     if target is None or job.status is None or job.status.champion is None:
-        return None
+        return None, None
     ns = job.metadata.namespace
     if target.config_map is not None:
         cm = ctx.cluster.get("ConfigMap", ns, target.config_map.name) or {}
-        return (cm.get("data") or {}).get(target.config_map.key)
+        return (cm.get("data") or {}).get(target.config_map.key), None
     assert target.inference_service is not None
-    isvc = ctx.cluster.get("InferenceService", ns, target.inference_service.name) or {}
-    return ((((isvc.get("spec") or {}).get("predictor") or {}).get("model")) or {}).get("storageUri")
+    isvc = observe_inference_service(ctx.cluster.get("InferenceService", ns, target.inference_service.name))
+    return (isvc.storage_uri if isvc is not None else None), isvc
 
 
 def _same_inputs(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -268,7 +297,8 @@ def _promote(ctx: Context, job: FineTuneJob, action: ApplyPromotion) -> None:
         ctx.cluster.merge_patch("ConfigMap", ns, target.config_map.name, patch)
     elif target.inference_service is not None:
         ctx.cluster.merge_patch("InferenceService", ns, target.inference_service.name,
-                                build_inference_service_patch(action.run, action.model_uri))
+                                build_inference_service_patch(action.run, action.model_uri,
+                                                              action.canary_traffic_percent, action.manage_canary))
 
 
 def _count(ctx: Context, job: FineTuneJob, plan: JobPlan, observed: JobObserved, reason: str,

@@ -36,5 +36,5 @@ def remove_condition(conditions: list[Condition], type_: str) -> list[Condition]
 
 
 _ORDER = {t: i for i, t in enumerate(
-    ["Ready", "Validating", "DataValidated", "ModelChecked", "Running", "Retrying", "Evaluated", "Promoted", "Failed",
+    ["Ready", "Reconciling", "Stalled", "Validating", "DataValidated", "ModelChecked", "Running", "Retrying", "Evaluated", "Promoted", "Pinned", "Registered", "Failed",
      "Suspended"])}

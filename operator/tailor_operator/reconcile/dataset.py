@@ -28,6 +28,7 @@ from tailor_operator.builders.labels import ANNOTATION_BACKEND
 from tailor_operator.builders.naming import validation_name
 from tailor_operator.builders.trainer_access import ACCESS_FAILED
 from tailor_operator.reconcile.conditions import FALSE, TRUE, UNKNOWN, get_condition, set_condition
+from tailor_operator.reconcile.health import dataset_health
 from tailor_operator.reconcile.observe import PodProblem, ValidationObservation
 from tailor_operator.reconcile.plan import DatasetPlan, DeleteValidation, Event, StartValidation, sooner
 from tailor_operator.reconcile.policy import check_dataset_policy
@@ -101,12 +102,12 @@ def reconcile_dataset(dataset: Dataset, observed: DatasetObserved, settings: Ope
         reason, message = observed.source_error
         _not_ready(st, plan, reason, message, now, generation)
         plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds * 3)
-        return _stamp(old, plan, now)
+        return _stamp(old, plan, now, generation)
 
     problem = check_dataset_policy(dataset, dataset_backend(dataset, settings), settings)
     if problem is not None:
         _policy_refused(st, plan, problem.reason, problem.message, now, generation)
-        return _stamp(old, plan, now)
+        return _stamp(old, plan, now, generation)
 
     key = validation_key(dataset, observed.fingerprint, now)
     revision = dataset.spec.revision or observed.fingerprint
@@ -116,7 +117,7 @@ def reconcile_dataset(dataset: Dataset, observed: DatasetObserved, settings: Ope
         if (v is None or not v.exists) and kuberay and observed.trainer_access_error:
             _access_blocked(st, plan, observed.trainer_access_error, now, generation)
             plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
-            return _stamp(old, plan, now)
+            return _stamp(old, plan, now, generation)
         if v is None or not v.exists:
             children: tuple[dict[str, Any], ...] = ()
             resolved = resolved_dataset(dataset, observed.fingerprint, observed.inline_data)
@@ -151,16 +152,16 @@ def reconcile_dataset(dataset: Dataset, observed: DatasetObserved, settings: Ope
         elif ready is None or ready.status is UNKNOWN or ready.reason in (ACCESS_FAILED, "CredentialsError"):
             st.conditions = set_condition(st.conditions, "Ready", UNKNOWN, reason, message, now, generation)
         plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
-        return _stamp(old, plan, now)
+        return _stamp(old, plan, now, generation)
 
     for other in observed.other_validations:
         plan.actions.append(DeleteValidation(other))
     st.observed_generation = generation
     if v.failure:
         _not_ready(st, plan, "ValidationFailed", v.failure, now, generation)
-        return _stamp(old, plan, now)
+        return _stamp(old, plan, now, generation)
     _fold_result(dataset, st, plan, v.result or {}, revision, now)
-    return _stamp(old, plan, now)
+    return _stamp(old, plan, now, generation)
 
 
 def _access_blocked(st: DatasetStatus, plan: DatasetPlan, message: str, now: datetime,
@@ -230,8 +231,10 @@ def _fold_result(dataset: Dataset, st: DatasetStatus, plan: DatasetPlan, result:
         _not_ready(st, plan, reason, message or "validation failed", now, generation)
 
 
-def _stamp(old: DatasetStatus, plan: DatasetPlan, now: datetime) -> DatasetPlan:
-    """lastUpdated moves only when something else changed (so an idle Dataset is never written)."""
+def _stamp(old: DatasetStatus, plan: DatasetPlan, now: datetime, generation: Optional[int]) -> DatasetPlan:
+    """Health conditions last (reconcile/health.py); lastUpdated moves only when something else
+    changed (so an idle Dataset is never written)."""
+    dataset_health(plan.status, generation, now)
     if plan.status.model_dump(exclude={"last_updated"}) != old.model_dump(exclude={"last_updated"}):
         plan.status.last_updated = now
     return plan

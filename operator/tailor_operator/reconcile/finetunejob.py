@@ -7,9 +7,9 @@ means the current run is over; the `Retrying` condition's transition time dates 
 
 Spec changes while a run is active: lifecycle fields (suspend, backoffLimit, activeDeadlineSeconds,
 progressDeadlineSeconds, ttlSecondsAfterFinished, continuousLearning) apply at once; the run itself continues with the
-config it started with. `observedGeneration` is the generation the current run started from (or
+config it started with. `runGeneration` is the generation the current run started from (or
 the latest one the operator had nothing to do for); a Failed job whose spec changed since
-(`generation != observedGeneration`) starts a new run, and continuous learning applies the new spec
+(`generation != runGeneration`) starts a new run, and continuous learning applies the new spec
 to its next run. See docs/operator.md.
 """
 
@@ -43,6 +43,8 @@ from tailor_operator.builders.trainer_access import ACCESS_FAILED
 from tailor_operator.builders.trainer_config import build_trainer_config, run_output_uri
 from tailor_operator.reconcile.conditions import FALSE, TRUE, UNKNOWN, get_condition, is_true, set_condition
 from tailor_operator.reconcile.cron import next_fire
+from tailor_operator.reconcile.evalset import eval_set_blocks
+from tailor_operator.reconcile.health import job_health
 from tailor_operator.reconcile.observe import (
     RunObservation,
     RunState,
@@ -51,7 +53,6 @@ from tailor_operator.reconcile.observe import (
     parse_time,
 )
 from tailor_operator.reconcile.plan import (
-    ApplyPromotion,
     DeletePreflight,
     DeleteRun,
     Event,
@@ -61,8 +62,11 @@ from tailor_operator.reconcile.plan import (
     StopRun,
     sooner,
 )
+from tailor_operator.reconcile.pinning import apply_pin
 from tailor_operator.reconcile.policy import check_job_policy
-from tailor_operator.reconcile.promotion import decide
+from tailor_operator.reconcile.promotion import decide_run, record_evaluation
+from tailor_operator.reconcile.registration import RegistryObserved, registry_condition
+from tailor_operator.reconcile.rollout import InferenceServiceObserved, reconcile_target, set_champion
 from tailor_operator.reconcile.search import finished_message, search_status, started_message
 from tailor_operator.reconcile.semantic import check_target_modules
 from tailor_operator.reconcile.settings import OperatorSettings
@@ -96,6 +100,14 @@ class JobObserved:
     """Free local-run slots (local backend); None when not limited."""
     target_model_uri: Optional[str] = None
     """What the promotion target points at now (None when missing or unset)."""
+    eval_dataset: Optional[Dataset] = None
+    """The fixed evaluation set (spec.evaluation.datasetRef); None when unset or not found."""
+    eval_inline_data: Optional[str] = None
+    """Contents of the evaluation Dataset's configMapRef source, when it has one."""
+    inference_service: Optional[InferenceServiceObserved] = None
+    """The InferenceService target as observed (spec and KServe's status), when there is one."""
+    registry: Optional[RegistryObserved] = None
+    """The outcome of the last model registry sync (spec.registry), when there was one."""
     trainer_access_error: Optional[str] = None
     """Why the trainer pods' ServiceAccount/Role/RoleBinding cannot be created (kuberay), if so:
     the handler finds out when a plan would create a RayJob, and reconciles again with it."""
@@ -108,6 +120,8 @@ class JobObserved:
 def reconcile_finetunejob(job: FineTuneJob, observed: JobObserved, settings: OperatorSettings,
                           now: datetime) -> JobPlan:
     st = (job.status or FineTuneJobStatus()).model_copy(deep=True)
+    if st.run_generation is None and st.run_count > 0:  # a status written before runGeneration existed,
+        st.run_generation = st.observed_generation       # when observedGeneration meant it
     plan = JobPlan(status=st)
     _adopt(job, st, observed, plan)
     _dataset_condition(job, st, observed.dataset, plan, now)
@@ -129,7 +143,12 @@ def reconcile_finetunejob(job: FineTuneJob, observed: JobObserved, settings: Ope
         else:
             _maybe_start_run(job, st, observed, settings, now, plan)
     _expire_finished(job, st, observed, now, plan)
-    _promotion_target(job, st, observed, plan)
+    apply_pin(job, st, plan, now)
+    reconcile_target(job, st, observed.target_model_uri, observed.inference_service, settings.active_poll_seconds,
+                     now, plan)
+    registry_condition(job, st, observed.registry, bool(settings.registry_uri), now)
+    st.observed_generation = job.metadata.generation  # every decision above was made on this spec
+    job_health(st, job.metadata.generation, now)
     plan.status = st
     return plan
 
@@ -154,7 +173,7 @@ def _adopt(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObserved, plan:
     st.completion_time = None
     st.stage, st.progress, st.metrics, st.artifacts, st.error = None, None, None, None, None
     st.search = None
-    st.observed_generation = job.metadata.generation
+    st.run_generation = job.metadata.generation
     st.phase = Phase.queued
     plan.events.append(Event("Normal", "Adopted", f"found run {o.run} (attempt {o.attempt}) created before "
                                                    "a restart; adopting it instead of creating another"))
@@ -369,12 +388,15 @@ def _start(job: FineTuneJob, st: FineTuneJobStatus, run: str, attempt: int, obse
                                       f"all {settings.local_max_concurrent} local run slot(s) are busy", now)
         plan.requeue_after = sooner(plan.requeue_after, settings.active_poll_seconds)
         return False
+    if eval_set_blocks(job, st, observed.eval_dataset, dataset, settings.active_poll_seconds, plan):
+        return False
     champion = None
     if st.champion is not None and st.champion.model:
         champion = ChampionRef(run=st.champion.run, model_uri=st.champion.model, metrics=st.champion.metrics)
     config = build_trainer_config(job, dataset, run, attempt=attempt, dataset_revision=st.dataset_revision,
                                   dataset_fingerprint=st.dataset_fingerprint, inline_data=observed.inline_data,
-                                  champion=champion)
+                                  champion=champion, eval_dataset=observed.eval_dataset,
+                                  eval_inline_data=observed.eval_inline_data)
     children: tuple[dict[str, Any], ...] = ()
     if job.spec.backend is Backend.kuberay:
         # One create starts the run: the config rides on the RayJob (a ConfigMap only when too
@@ -417,7 +439,7 @@ def _start_reason(job: FineTuneJob, st: FineTuneJobStatus, dataset: Optional[Dat
     """Why a new run should start now (None: it should not), and when to look again."""
     if st.run_count == 0:
         return "FirstRun", None
-    if st.phase is Phase.failed and job.metadata.generation != st.observed_generation:
+    if st.phase is Phase.failed and job.metadata.generation != st.run_generation:
         return "SpecChanged", None
     cl = job.spec.continuous_learning
     if cl is None:
@@ -439,11 +461,11 @@ def _maybe_start_run(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObser
     plan.requeue_after = sooner(plan.requeue_after, later)
     generation = job.metadata.generation
     if why is None:
-        st.observed_generation = generation  # nothing to do for this spec until the next trigger
-        return
-    if _policy_refused(job, st, settings, now, plan):
+        st.run_generation = generation  # nothing to do for this spec until the next trigger
         return
     first = st.run_count == 0
+    if _policy_refused(job, st, settings, now, plan):
+        return
     if not _dataset_ready(st):
         dv = get_condition(st.conditions, "DataValidated")
         if first:
@@ -466,6 +488,8 @@ def _maybe_start_run(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObser
         return
     if _access_blocked(job, st, observed, settings, now, plan):
         return
+    if eval_set_blocks(job, st, observed.eval_dataset, observed.dataset, settings.active_poll_seconds, plan):
+        return
     number = st.run_count + 1
     run = run_name(job.metadata.name, number)
     dataset = observed.dataset
@@ -478,7 +502,7 @@ def _maybe_start_run(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObser
     st.completion_time = None
     st.stage, st.progress, st.metrics, st.artifacts, st.error = None, None, None, None, None
     st.search = None
-    st.observed_generation = generation
+    st.run_generation = generation
     st.conditions = [c for c in st.conditions if c.type not in ("Failed", "Retrying", "Evaluated")]
     _start(job, st, run, 1, observed, settings, now, plan)
     if why != "FirstRun":  # a job's first run is what creating it asks for: status says it, no event
@@ -494,7 +518,7 @@ def _spec_problem(st: FineTuneJobStatus, plan: JobPlan, reason: str, message: st
     st.phase = Phase.failed
     st.error = JobError(reason=reason, message=message[:4096], field=field)
     st.conditions = set_condition(st.conditions, "Failed", TRUE, reason, message, now)
-    st.observed_generation = generation
+    st.run_generation = generation
 
 
 # Model-check verdicts a later look may change without a spec edit: checked again after a delay.
@@ -589,7 +613,7 @@ def _policy_refused(job: FineTuneJob, st: FineTuneJobStatus, settings: OperatorS
     st.phase = Phase.failed
     st.error = JobError(reason=problem.reason, message=problem.message[:4096], field=problem.field)
     st.conditions = set_condition(st.conditions, "Failed", TRUE, problem.reason, problem.message, now)
-    st.observed_generation = job.metadata.generation
+    st.run_generation = job.metadata.generation
     return True
 
 
@@ -658,7 +682,8 @@ def _finish(job: FineTuneJob, st: FineTuneJobStatus, obs: Optional[RunObservatio
             plan.events.append(Event("Normal", "SearchFinished", finished_message(st.search)))
     cl = job.spec.continuous_learning
     entry = HistoryEntry(run=run, phase=Phase.succeeded if succeeded else Phase.failed,
-                         dataset_revision=st.dataset_revision, metrics=metrics, completion_time=now)
+                         dataset_revision=st.dataset_revision, metrics=metrics, completion_time=now,
+                         config_hash=result.config_hash if result is not None else None)
     if succeeded:
         st.phase = Phase.succeeded
         st.error = None
@@ -672,15 +697,15 @@ def _finish(job: FineTuneJob, st: FineTuneJobStatus, obs: Optional[RunObservatio
         st.conditions = set_condition(st.conditions, "Evaluated", TRUE if metrics else FALSE,
                                       "Evaluated" if metrics else "NoMetrics", _metrics_line(metrics), now)
         plan.events.append(Event("Normal", "RunSucceeded", f"run {run} succeeded: {_metrics_line(metrics)}"))
+        entry.model = (st.artifacts.model if st.artifacts else None) or f"{run_output_uri(job, run)}/train/model"
         policy = cl.promotion if cl is not None else Promotion()
-        champion_metrics = result.champion.metrics if result is not None and result.champion else None
-        decision = decide(policy, metrics, st.champion, champion_metrics or None)
+        decision = decide_run(policy, metrics, st.champion, result)
+        record_evaluation(entry, result, entry.model)
         entry.promoted = decision.promote
         entry.reason = decision.reason
         if decision.promote:
-            model = (st.artifacts.model if st.artifacts else None) or f"{run_output_uri(job, run)}/train/model"
-            st.champion = ChampionStatus(run=run, dataset_revision=st.dataset_revision, model=model,
-                                         metrics=metrics, promoted_at=now)
+            set_champion(job, st, ChampionStatus(run=run, dataset_revision=st.dataset_revision, model=entry.model,
+                                                 metrics=metrics, promoted_at=now), now, plan)
             st.conditions = set_condition(st.conditions, "Promoted", TRUE, decision.reason,
                                           f"run {run} is the champion: {decision.message}", now)
             plan.events.append(Event("Normal", "Promoted", f"run {run} promoted: {decision.message}"))
@@ -740,13 +765,3 @@ def _expire_finished(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObser
             plan.actions.append(DeleteRun(name))
         else:
             plan.requeue_after = sooner(plan.requeue_after, left)
-
-
-def _promotion_target(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObserved, plan: JobPlan) -> None:
-    """Level-based rollout: the target always points at the champion (repaired if edited)."""
-    cl = job.spec.continuous_learning
-    target = cl.promotion.target if cl is not None else None
-    if target is None or st.champion is None or not st.champion.model:
-        return
-    if observed.target_model_uri != st.champion.model:
-        plan.actions.append(ApplyPromotion(run=st.champion.run, model_uri=st.champion.model, target=target))

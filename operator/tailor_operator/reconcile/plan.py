@@ -57,6 +57,10 @@ class ApplyPromotion:
     run: str
     model_uri: str
     target: RolloutTarget
+    canary_traffic_percent: Optional[int] = None
+    """InferenceService with a staged rollout: the canary's share of traffic (None: removed)."""
+    manage_canary: bool = False
+    """Whether the patch sets (or removes) canaryTrafficPercent; False leaves it as it is."""
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,14 @@ class OperatorSettings:
     """JSON list of NetworkPolicyIngressRules also admitted (empty: the KubeRay operator's pods, any
     namespace, on the dashboard port 8265)."""
 
+    registry_uri: str = ""
+    """MLflow tracking server whose model registry gets a version per successful run of a job that
+    sets spec.registry (http(s)://host:port); empty: no registry. Only the installation sets it:
+    tenants name a model, never an address. Credentials come from the operator's environment
+    (TAILOR_REGISTRY_USERNAME/PASSWORD or TAILOR_REGISTRY_TOKEN, from a Secret)."""
+    registry_timeout_seconds: float = 5.0
+    """Timeout of one registry request; a failed sync is retried with backoff (up to 5 minutes)."""
+
     # Policy: what tenants (anyone who may create Datasets and FineTuneJobs) may ask for. The
     # defaults are the chart's: kuberay only, the installation's image, no local paths, no
     # link-local/loopback/metadata http(s) sources. reconcile/policy.py applies them.
@@ -106,6 +114,9 @@ class OperatorSettings:
             raise ValueError(f"allowed_local_roots must be absolute paths or *, not {relative}")
         self.image_prefixes()
         self.network_policy_ingress()
+        if self.registry_uri and not self.registry_uri.startswith(("http://", "https://")):
+            raise ValueError(f"registry_uri must be an http(s) URL of an MLflow tracking server, "
+                             f"not {self.registry_uri!r}")
 
     def cpu_pool(self) -> tuple[Optional[dict[str, str]], Optional[list[dict[str, Any]]]]:
         """(nodeSelector, tolerations) of the CPU-only pods, parsed from their JSON settings."""

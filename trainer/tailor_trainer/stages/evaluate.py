@@ -1,9 +1,12 @@
 """The evaluate stage: prove on held-out data whether fine-tuning helped.
 
-On the test split (the same rows every run; at most ``evaluation.maxEvalRows``): loss,
+On the test split, or the fixed evaluation set ``evaluation.datasetRef`` when the job names one
+(tailor_trainer.evalset; the same rows every run; at most ``evaluation.maxEvalRows``): loss,
 perplexity, next-token accuracy and, for prompt/reference data, exact match of greedy
 generations — for the fine-tuned model, the base model (``compareToBase``) and the current
-champion (``TrainerConfig.champion``), so every comparison is on the same rows. Also: sample
+champion (``TrainerConfig.champion``), so every comparison is on the same rows; the improvement
+over the champion (else the base model) on the promotion metric comes with a paired-bootstrap
+interval (tailor_trainer.significance, ``result.comparison``). Also: sample
 generations before/after for ``samplePrompts``, the worst-k test examples by loss, optional
 k-fold cross-validation (folds train in parallel as Ray tasks), and gates that fail the run.
 
@@ -21,11 +24,12 @@ import statistics
 import time
 from typing import Any
 
-from tailor_trainer import storage
+from tailor_trainer import significance, storage
 from tailor_trainer.batches import IGNORE_INDEX, amp_context, collate, load_rows, token_losses
 from tailor_trainer.config import DataSchema, Metric, TrainerConfig
 from tailor_trainer.contract import RESULT_FILE, STAGE_ORDER
 from tailor_trainer.errors import DataInvalid, GateFailed
+from tailor_trainer.evalset import load_eval_set
 from tailor_trainer.runtime import ensure_ray, use_local_mode
 from tailor_trainer.stages.base import StageContext
 from tailor_trainer.training import fit
@@ -75,7 +79,8 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int
 
 def measure(model: Any, tok: Any, rows: list[dict], *, schema: DataSchema, batch_size: int,
             device: Any, amp: Any, exact_match: bool, max_new_tokens: int) -> dict[str, Any]:
-    """Loss, perplexity, accuracy (and exactMatch) of ``model`` on ``rows``, plus per-row loss."""
+    """Loss, perplexity, accuracy (and exactMatch) of ``model`` on ``rows``, plus per-row values
+    (mean token loss, label tokens, correct next tokens, exact match) for the paired bootstrap."""
     import torch
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -91,10 +96,12 @@ def measure(model: Any, tok: Any, rows: list[dict], *, schema: DataSchema, batch
             target = batch["labels"][:, 1:]
             keep = target != IGNORE_INDEX
             hits = (logits.argmax(-1) == target) & keep
+            row_hits = hits.sum(-1)
             for j, r in enumerate(chunk):
                 n = int(keep[j].sum())
                 s = float(loss[j].sum())
-                per_row.append({"id": r["id"], "loss": s / n if n else None, "tokens": n})
+                per_row.append({"id": r["id"], "loss": s / n if n else None, "tokens": n,
+                                "correct": int(row_hits[j])})
             total += int(keep.sum())
             correct += int(hits.sum())
             loss_sum += float(loss.sum())
@@ -108,10 +115,15 @@ def measure(model: Any, tok: Any, rows: list[dict], *, schema: DataSchema, batch
             outs = generate(model, tok, [prompt_ids(tok, schema, r["prompt"], True) for r in judged],
                             max_new_tokens, device)
             hits = 0
+            exact = {}
             for r, o in zip(judged, outs):
                 predictions[r["id"]] = o
-                hits += _normalize(o) == _normalize(r["reference"])
+                exact[r["id"]] = int(_normalize(o) == _normalize(r["reference"]))
+                hits += exact[r["id"]]
             metrics["exactMatch"] = hits / len(judged)
+            for p in per_row:
+                if p["id"] in exact:
+                    p["exact"] = exact[p["id"]]
     return {"metrics": metrics, "perRow": per_row, "predictions": predictions}
 
 
@@ -248,16 +260,8 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     if not os.path.isdir(trained_dir):
         raise DataInvalid(f"no trained model at {trained_dir}; run the train stage first")
 
-    split = "test"
-    rows = load_rows(run_dir, "test")
-    if not rows:
-        split, rows = "validation", load_rows(run_dir, "validation")
-    if not rows:
-        raise DataInvalid("the test and validation splits are empty: nothing to evaluate on "
-                          "(raise dataset.split.test)", field="dataset.split.test")
-    rows.sort(key=lambda r: r["id"])  # the same rows every run, whatever order prep wrote
-    if ev.max_eval_rows:
-        rows = rows[: ev.max_eval_rows]
+    rows, evaluated_on = _rows_to_score(ctx, out_dir)
+    split = evaluated_on.get("split") or f"evaluation Dataset {evaluated_on['dataset']}"
 
     wanted = {m.value for m in ev.metrics} | {g.metric.value for g in ev.gates}
     exact = Metric.exact_match.value in wanted
@@ -305,6 +309,10 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     if "champion" in results:
         champion = {"run": cfg.champion.run, "metrics": results["champion"]["metrics"],
                     "promotedMetrics": cfg.champion.metrics}
+    # how sure "better" is: the champion if there is one, else the base model, on the same rows
+    other = ("champion", cfg.champion.run) if "champion" in results else ("base", "base")
+    comparison = (significance.compare(tuned, results[other[0]], other[1], cfg.comparison)
+                  if other[0] in results else None)
     gates = _gate_results(cfg, metrics)
     total_duration = sum(float((storage.read_json(os.path.join(run_dir, s, "manifest.json")) or {})
                                .get("durationSeconds") or 0) for s in STAGE_ORDER[:-1])
@@ -313,9 +321,9 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         "datasetRevision": cfg.dataset.revision or prep_manifest.get("revision"),
         "datasetFingerprint": prep_manifest.get("fingerprint"),
         "configHash": ctx.config_hash, "baseModel": cfg.model.uri, "method": cfg.adaptation.method.value,
-        "evaluatedOn": {"split": split, "rows": len(rows)},
+        "evaluatedOn": evaluated_on,
         "metrics": {k: _clean(v) for k, v in metrics.items()},
-        "champion": champion, "gates": gates,
+        "champion": champion, "comparison": comparison, "gates": gates,
         "artifacts": {
             "model": _uri(cfg, "train", "model"),
             "mergedModel": _uri(cfg, "train", "merged") if train_manifest.get("mergedModel") else None,
@@ -366,6 +374,33 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
             field=f"spec.evaluation.gates[{gates.index(g)}]")
     return {"result": RESULT_FILE, "report": "report.html", "metrics": result["metrics"],
             "evaluatedRows": len(rows)}
+
+
+def _rows_to_score(ctx: StageContext, out_dir: str) -> tuple[list[dict], dict[str, Any]]:
+    """The rows every model is scored on, sorted by id (the same rows every run, whatever order
+    prep wrote), at most maxEvalRows: the fixed evaluation set when the job names one, else the
+    run's test split (its validation split when the test split is empty)."""
+    cfg, ev = ctx.config, ctx.config.evaluation
+    if ev.dataset_ref is not None and cfg.eval_dataset is None:  # never fall back to another yardstick
+        raise DataInvalid(f"evaluation.datasetRef names Dataset {ev.dataset_ref.name} but the run's config "
+                          "carries no evalDataset (the operator resolves it)", field="spec.evaluation.datasetRef")
+    if cfg.eval_dataset is not None:
+        from transformers import AutoTokenizer
+
+        rows, info = load_eval_set(cfg, out_dir, AutoTokenizer.from_pretrained(ctx.base_model_dir()))
+    else:
+        split = "test"
+        rows = load_rows(ctx.run_dir, "test")
+        if not rows:
+            split, rows = "validation", load_rows(ctx.run_dir, "validation")
+        if not rows:
+            raise DataInvalid("the test and validation splits are empty: nothing to evaluate on "
+                              "(raise dataset.split.test)", field="dataset.split.test")
+        rows.sort(key=lambda r: r["id"])
+        info = {"split": split}
+    if ev.max_eval_rows:
+        rows = rows[: ev.max_eval_rows]
+    return rows, {**info, "rows": len(rows)}
 
 
 def _clean(v: Any) -> Any:
