@@ -56,6 +56,9 @@ class DataSchema(str, Enum):
     completion = "completion"
     instruction = "instruction"
     chat = "chat"
+    image_caption = "image-caption"
+    """Images with captions (Hugging Face imagefolder: metadata.jsonl with file_name and text) for
+    text-to-image diffusion models (docs/image-models.md)."""
 
 
 # Canonical columns each schema reads; columnMap renames source columns onto these.
@@ -64,6 +67,7 @@ SCHEMA_COLUMNS: dict[DataSchema, tuple[str, ...]] = {
     DataSchema.completion: ("prompt", "completion"),
     DataSchema.instruction: ("instruction", "input", "output"),
     DataSchema.chat: ("messages",),
+    DataSchema.image_caption: ("file_name", "text"),
 }
 ALL_COLUMNS = sorted({c for cols in SCHEMA_COLUMNS.values() for c in cols})
 
@@ -188,12 +192,13 @@ class DataSpec(CamelModel):
     """File format: jsonl, csv, parquet or text. Defaults to the file extension, else jsonl."""
     schema_: DataSchema = Field(DataSchema.text, alias="schema")
     """Row layout: text (raw domain text), completion (prompt/completion), instruction
-    (instruction/input/output, Alpaca-style) or chat (messages with roles). Defaults to text."""
+    (instruction/input/output, Alpaca-style), chat (messages with roles) or image-caption (images
+    with captions, for text-to-image diffusion models). Defaults to text."""
     column_map: dict[Annotated[str, StringConstraints(max_length=64)], ColumnName] = Field(
         default_factory=dict, max_length=8
     )
     """Renames source columns onto the schema's columns, e.g. {prompt: question, completion: answer}.
-    Keys: text, prompt, completion, instruction, input, output, messages."""
+    Keys: text, prompt, completion, instruction, input, output, messages, file_name."""
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     """Cleaning steps, each reported with a count of dropped rows."""
     split: Split = Field(default_factory=Split)
@@ -1016,3 +1021,47 @@ class TrainerConfig(CamelModel):
                 "set resources.gpusPerWorker >= 1 or use method lora"
             )
         return self
+
+    @model_validator(mode="after")
+    def _image_caption_fits(self) -> "TrainerConfig":
+        if self.dataset.schema_ is DataSchema.image_caption:
+            problem = image_caption_unsupported(self)
+            if problem is not None:
+                raise FieldError(*problem)
+        return self
+
+
+def image_caption_unsupported(cfg: "TrainerConfig") -> Optional[tuple[str, str]]:
+    """(field, message) for the first setting a Dataset of schema image-caption (a text-to-image
+    diffusion model, docs/image-models.md) cannot honour yet, else None: rejected up front, never
+    half-applied."""
+    why = "with a Dataset of schema image-caption (a text-to-image diffusion model)"
+    ad, ev, hp = cfg.adaptation, cfg.evaluation, cfg.hyperparameters
+    if ad.method is not AdaptationMethod.lora:
+        return "adaptation.method", f"only method lora is supported {why}; got {ad.method.value}"
+    if ad.activation is not None:
+        return "adaptation.activation", f"activation cannot be changed {why}"
+    if cfg.search is not None:
+        return "search", f"search is not supported {why}"
+    if cfg.merged_model:
+        return "mergedModel", f"mergedModel is not supported {why}; the LoRA adapter loads with load_lora_weights"
+    if cfg.resources.strategy is Strategy.fsdp:
+        return "resources.strategy", f"strategy fsdp is not supported {why}; use ddp"
+    if hp.packing:
+        return "hyperparameters.packing", f"packing applies to token sequences, not {why}"
+    if cfg.dataset.preprocessing.dedupe is Dedupe.near:
+        return "dataset.preprocessing.dedupe", f"dedupe near is not supported {why}; use exact or none"
+    others = [m.value for m in ev.metrics if m is not Metric.loss]
+    if others:
+        return "evaluation.metrics", (f"{', '.join(others)} cannot be measured {why}: its metric is the held-out "
+                                      "denoising loss; set metrics: [loss]")
+    for i, g in enumerate(ev.gates):
+        if g.metric is not Metric.loss:
+            return f"evaluation.gates[{i}].metric", f"only loss gates apply {why}"
+    if ev.cross_validation is not None:
+        return "evaluation.crossValidation", f"crossValidation is not supported {why}"
+    if ev.dataset_ref is not None:
+        return "evaluation.datasetRef", f"a fixed evaluation set is not supported {why} yet"
+    if cfg.comparison is not None and cfg.comparison.metric is not Metric.loss:
+        return "comparison.metric", f"only loss can be compared {why}"
+    return None

@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 from tailor_trainer import retry, storage
 from tailor_trainer.adaptation import apply_adaptation, load_base, matched_modules
-from tailor_trainer.config import AdaptationMethod, TrainerConfig
+from tailor_trainer.config import AdaptationMethod, DataSchema, TrainerConfig
 from tailor_trainer.errors import InvalidSpec, StageError
 
 # What from_config and AutoTokenizer read; weights (*.safetensors, *.bin, *.pt, ...) never match.
@@ -227,7 +227,34 @@ def _check_tokenizer(model_dir: str, uri: str) -> None:
                     URI_FIELD) from None
 
 
+def _diffusion_checks(cfg: TrainerConfig, info: dict[str, Any]) -> None:
+    """Dataset schema image-caption: the pipeline and LoRA's targets on its UNet (meta device).
+    Only a local or mounted pipeline is checked here (the metadata fetch above is flat, a
+    pipeline has per-component folders); the adapt stage checks any other before training."""
+    from tailor_trainer.diffusion.model import FIELD_TARGETS, add_lora, load_parts
+
+    info["modelType"] = "stable-diffusion"
+    try:
+        path = storage.local_path(cfg.model.uri)
+    except storage.StorageError as e:
+        raise _fail("ModelInvalid", str(e), URI_FIELD) from None
+    if path is None or not os.path.isdir(path):
+        return
+    unet = load_parts(path, meta=True).unet
+    info["parameters"] = sum(p.numel() for p in unet.parameters())
+    try:
+        plan = add_lora(unet, cfg.adaptation.lora)
+    except InvalidSpec as e:
+        if e.field == FIELD_TARGETS:
+            raise _fail("UnknownTargetModules", e.message, e.field) from None
+        raise
+    info["targetModulesMatched"] = plan["adaptedModules"]
+    info["trainableParameters"] = plan["trainableParameters"]
+
+
 def _checks(cfg: TrainerConfig, scratch: str, info: dict[str, Any]) -> None:
+    if cfg.dataset.schema_ is DataSchema.image_caption:
+        return _diffusion_checks(cfg, info)
     model_dir = resolve_model_metadata(cfg.model.uri, cfg.model.revision, scratch)
     model = load_base(model_dir, meta=True)  # ModelInvalid when the config does not load
     info["modelType"] = getattr(model.config, "model_type", None)
@@ -248,7 +275,8 @@ def run_preflight(cfg: TrainerConfig) -> dict[str, Any]:
         try:
             _checks(cfg, scratch, info)
             positions = info["maxPositionEmbeddings"]
-            doc["message"] = (f"{cfg.model.uri} fits the spec: {info['modelType']}, {info['parameters']:,} "
+            params = "an unknown number of" if info["parameters"] is None else f"{info['parameters']:,}"
+            doc["message"] = (f"{cfg.model.uri} fits the spec: {info['modelType']}, {params} "
                               f"parameters, maxSeqLength {cfg.hyperparameters.max_seq_length}"
                               + (f" <= {positions}" if positions else " (the model states no limit)"))
         except StageError as e:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Optional
 
+from pydantic import ValidationError
+
 from tailor_operator.api.v1alpha1 import (
     Artifacts,
     Backend,
@@ -70,7 +72,7 @@ from tailor_operator.reconcile.rollout import InferenceServiceObserved, reconcil
 from tailor_operator.reconcile.search import finished_message, search_status, started_message
 from tailor_operator.reconcile.semantic import check_target_modules
 from tailor_operator.reconcile.settings import OperatorSettings
-from tailor_trainer.config import ChampionRef
+from tailor_trainer.config import ChampionRef, FieldError
 from tailor_trainer.contract import RESULT_FILE, STAGE_ORDER, ProgressDoc
 
 # A retry cannot fix these: the same config fails the same way.
@@ -478,6 +480,10 @@ def _maybe_start_run(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObser
     if problem is not None:
         _spec_problem(st, plan, problem.reason, problem.message, problem.field, generation, now)
         return
+    invalid = _config_problem(job, observed)
+    if invalid is not None:
+        _spec_problem(st, plan, "InvalidSpec", invalid[0], invalid[1], generation, now)
+        return
     if _preflight_blocks(job, st, observed, settings, now, plan):
         return
     if job.spec.backend is Backend.local and observed.local_slots is not None and observed.local_slots <= 0:
@@ -508,6 +514,38 @@ def _maybe_start_run(job: FineTuneJob, st: FineTuneJobStatus, observed: JobObser
     if why != "FirstRun":  # a job's first run is what creating it asks for: status says it, no event
         revision = f" on dataset revision {st.dataset_revision}" if st.dataset_revision else ""
         plan.events.append(Event("Normal", "RunStarted", f"starting run {run}{revision} ({why})"))
+
+
+# TrainerConfig sections that are the FineTuneJob's spec.<same path>; `dataset.*` is the Dataset's spec
+_SPEC_SECTIONS = ("adaptation", "evaluation", "hyperparameters", "resources", "search")
+
+
+def _config_problem(job: FineTuneJob, observed: JobObserved) -> Optional[tuple[str, Optional[str]]]:
+    """(message, field) when the job's spec and its Dataset together make no valid trainer config —
+    a cross-object check no CRD rule can do (e.g. a setting an image-caption Dataset cannot honour):
+    the job fails before any run (or GPU) exists, instead of every reconcile raising."""
+    dataset = observed.dataset
+    if dataset is None:
+        return None
+    try:
+        build_trainer_config(job, dataset, run_name(job.metadata.name, 1),
+                             dataset_revision=dataset.status.revision if dataset.status else None,
+                             inline_data=observed.inline_data, eval_dataset=observed.eval_dataset,
+                             eval_inline_data=observed.eval_inline_data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        inner = (first.get("ctx") or {}).get("error")
+        path = [str(p) for p in first.get("loc", ())] + ([inner.field] if isinstance(inner, FieldError) else [])
+        where = ".".join(path)
+        message = str(inner) if isinstance(inner, FieldError) else str(first.get("msg", err))
+        if where.split(".")[0] in _SPEC_SECTIONS:
+            field: Optional[str] = f"spec.{where}"
+        elif where.startswith("dataset."):
+            field = f"Dataset {dataset.metadata.name} spec.{where.removeprefix('dataset.')}"
+        else:
+            field = where or None
+        return f"this spec cannot train on Dataset {dataset.metadata.name}: {message}", field
+    return None
 
 
 def _spec_problem(st: FineTuneJobStatus, plan: JobPlan, reason: str, message: str, field: Optional[str],

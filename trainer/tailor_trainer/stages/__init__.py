@@ -45,8 +45,22 @@ class _FunctionStage:
 # Imports live inside the functions: importing this registry must not import torch.
 
 
+def _diffusion(ctx: StageContext) -> Any:
+    """The diffusion stages (tailor_trainer.stages.diffusion) for a Dataset of schema image-caption."""
+    from tailor_trainer.config import DataSchema
+
+    if ctx.config.dataset.schema_ is not DataSchema.image_caption:
+        return None
+    from tailor_trainer.stages import diffusion
+
+    return diffusion
+
+
 def _prep(ctx: StageContext) -> dict[str, Any]:
     from tailor_trainer.stages.prep import PrepFailed, run_prep
+
+    if (d := _diffusion(ctx)) is not None:
+        return d.run_prep(ctx)
 
     try:
         return run_prep(ctx.config, ctx.run_dir, progress=lambda d: ctx.progress(**d))
@@ -57,18 +71,24 @@ def _prep(ctx: StageContext) -> dict[str, Any]:
 def _adapt(ctx: StageContext) -> dict[str, Any]:
     from tailor_trainer.stages.adapt import run_adapt
 
+    if (d := _diffusion(ctx)) is not None:
+        return d.run_adapt(ctx)
     return run_adapt(ctx)
 
 
 def _train(ctx: StageContext) -> dict[str, Any]:
     from tailor_trainer.stages.train import run_train
 
+    if (d := _diffusion(ctx)) is not None:
+        return d.run_train(ctx)
     return run_train(ctx)
 
 
 def _evaluate(ctx: StageContext) -> dict[str, Any]:
     from tailor_trainer.stages.evaluate import run_evaluate
 
+    if (d := _diffusion(ctx)) is not None:
+        return d.run_evaluate(ctx)
     return run_evaluate(ctx)
 
 

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
 from tailor_trainer import storage
-from tailor_trainer.config import ResolvedDataset, TrainerConfig
+from tailor_trainer.config import DataSchema, ResolvedDataset, TrainerConfig
 from tailor_trainer.data import DataError
 from tailor_trainer.data.engine import PrepOptions, PrepResult, prepare
 from tailor_trainer.data.split import SPLITS
@@ -208,6 +208,8 @@ def _text_report(name: str, status: dict[str, Any]) -> str:
 def inspect_dataset(ds: ResolvedDataset, tokenizer: Optional[str] = None,
                     max_seq_length: Optional[int] = None) -> dict[str, Any]:
     """Validate a Dataset without writing shards; returns its Dataset.status."""
+    if ds.schema_ is DataSchema.image_caption:
+        return build_status(ds, _inspect_images(ds, tokenizer))
     tok = None
     if tokenizer:
         try:
@@ -222,6 +224,22 @@ def inspect_dataset(ds: ResolvedDataset, tokenizer: Optional[str] = None,
     result = prepare(ds, PrepOptions(tokenizer=tok, max_seq_length=max_seq_length,
                                      seed=ds.split.seed))
     return build_status(ds, result)
+
+
+def _inspect_images(ds: ResolvedDataset, model: Optional[str]) -> PrepResult:
+    """Every image decoded and checked (tailor_trainer.data.images); with a model (a diffusers
+    pipeline folder, passed as the tokenizer) also against its training resolution."""
+    from tailor_trainer.data.images import prepare_images
+    from tailor_trainer.diffusion.model import read_resolution
+
+    resolution = 0
+    if model:
+        try:
+            resolution = read_resolution(storage.resolve_model_dir(model))
+        except (StageError, storage.StorageError, OSError, ValueError) as e:
+            return PrepResult(error=DataError("ModelUnavailable", f"cannot read the training resolution of "
+                                                                  f"{model}: {type(e).__name__}"))
+    return prepare_images(ds, resolution=resolution)
 
 
 def main_inspect(dataset_json_path: str, tokenizer: Optional[str] = None,

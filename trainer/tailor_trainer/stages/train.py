@@ -23,7 +23,7 @@ import shutil
 import sys
 import threading
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Optional
 
 from tailor_trainer import storage
 from tailor_trainer.adaptation import preflight
@@ -44,6 +44,30 @@ _LOCAL_PROGRESS: dict[str, Callable[..., None]] = {}
 
 
 def train_worker(job: dict[str, Any]) -> dict[str, Any]:
+    w = worker_setup(job)
+    cfg, rank, progress, device, run_dir, model_dir, mirror = w
+    train_rows = load_rows(run_dir, "train")
+    val_rows = load_rows(run_dir, "validation")
+    push = (lambda: mirror.push(f"train/{CHECKPOINTS}", delete=True)) if (mirror and rank == 0) else None
+    _, outcome = fit(cfg, model_dir, train_rows, val_rows, config_hash=job["configHash"],
+                     train_dir=os.path.join(run_dir, "train"), threads=job.get("threads"),
+                     progress=progress, device=device, on_checkpoint=push)
+    return worker_done(job, w, outcome)
+
+
+class WorkerSetup(NamedTuple):
+    cfg: TrainerConfig
+    rank: int
+    progress: Optional[Callable[..., None]]
+    device: Any
+    run_dir: str
+    model_dir: str
+    mirror: Any
+
+
+def worker_setup(job: dict[str, Any]) -> WorkerSetup:
+    """What every train worker needs before its recipe: the config, rank, progress callback (rank
+    0), device, this node's run directory (s3: prep and checkpoints pulled) and base model."""
     import ray.train
 
     cfg = TrainerConfig.model_validate(job["config"])
@@ -74,12 +98,12 @@ def train_worker(job: dict[str, Any]) -> dict[str, Any]:
         mirror.pull(os.path.join("train", CHECKPOINTS))
     if not os.path.isdir(model_dir):  # resolved on the driver's node: fetch it here as well
         model_dir = storage.resolve_model_dir(cfg.model.uri, cfg.model.revision)
-    train_rows = load_rows(run_dir, "train")
-    val_rows = load_rows(run_dir, "validation")
-    push = (lambda: mirror.push(f"train/{CHECKPOINTS}", delete=True)) if (mirror and rank == 0) else None
-    _, outcome = fit(cfg, model_dir, train_rows, val_rows, config_hash=job["configHash"],
-                     train_dir=os.path.join(run_dir, "train"), threads=job.get("threads"),
-                     progress=progress, device=device, on_checkpoint=push)
+    return WorkerSetup(cfg, rank, progress, device, run_dir, model_dir, mirror)
+
+
+def worker_done(job: dict[str, Any], w: WorkerSetup, outcome: dict[str, Any]) -> dict[str, Any]:
+    """After the recipe: upload (s3) and hand rank 0's outcome to the driver."""
+    mirror, rank, relay = w.mirror, w.rank, job.get("relay")
     if mirror is not None and rank == 0:
         mirror.push("train")  # the model, merged model and metrics, for the driver to pull
     if rank == 0 and relay is not None:
@@ -95,9 +119,6 @@ RAY_RESTARTS = 3
 
 def run_train(ctx: StageContext) -> dict[str, Any]:
     """Train with Ray Train; returns the train manifest (the outcome plus file names)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     cfg = ctx.config
     preflight(cfg)
     if cfg.hyperparameters.packing and cfg.adaptation.method is AdaptationMethod.prefix:
@@ -107,6 +128,18 @@ def run_train(ctx: StageContext) -> dict[str, Any]:
     train_dir = ctx.stage_dir("train")
     if cfg.search is not None:  # trials over the same recipe, as Ray Tune trials (search.py)
         return run_search(cfg, ctx.run_dir, ctx.base_model_dir(), progress=ctx.progress, mirror=ctx.mirror)
+    return launch(ctx, train_worker)
+
+
+def launch(ctx: StageContext, worker: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``worker`` (a Ray Train loop function taking the job dict) as this stage does: local mode
+    or a worker group, progress relayed, restarts bounded, errors surfaced; returns the manifest.
+    The diffusion recipe (``tailor_trainer.stages.diffusion``) runs through here too."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = ctx.config
+    train_dir = ctx.stage_dir("train")
     res = cfg.resources
     local = use_local_mode(cfg)
     job: dict[str, Any] = {
@@ -130,7 +163,7 @@ def run_train(ctx: StageContext) -> dict[str, Any]:
         key = uuid.uuid4().hex
         _LOCAL_PROGRESS[key] = ctx.progress
         job["progressKey"] = key
-        trainer = TorchTrainer(train_worker, train_loop_config=job,
+        trainer = TorchTrainer(worker, train_loop_config=job,
                                scaling_config=ScalingConfig(num_workers=0), run_config=run_config)
     else:
         import ray
@@ -155,7 +188,7 @@ def run_train(ctx: StageContext) -> dict[str, Any]:
         poller.start()
         gpus = res.gpus_per_worker
         trainer = TorchTrainer(
-            train_worker, train_loop_config=job,
+            worker, train_loop_config=job,
             # SPREAD: one training worker per worker pod (fractional CPUs would let Ray pack two
             # into one pod, and then a lost pod takes two ranks while another idles)
             scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=gpus > 0, placement_strategy="SPREAD",
