@@ -21,7 +21,7 @@ from typing import Any
 
 from tailor_trainer import storage
 from tailor_trainer.config import TrainerConfig
-from tailor_trainer.contract import RESULT_FILE, STAGE_ORDER
+from tailor_trainer.contract import RESULT_FILE
 from tailor_trainer.data.images import load_split, prepare_images
 from tailor_trainer.data.split import SPLITS
 from tailor_trainer.diffusion import model as dm
@@ -159,11 +159,10 @@ def evaluate_models(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_evaluate(ctx: StageContext) -> dict[str, Any]:
-    from tailor_trainer import significance
     from tailor_trainer.diffusion.measure import EVAL_TIMESTEPS, SAMPLE_SEEDS, data_uri
     from tailor_trainer.render import loss_curve_png
     from tailor_trainer.runtime import use_local_mode
-    from tailor_trainer.stages.evaluate import _gate_results, _read_metrics, _run_all, _uri
+    from tailor_trainer.stages.evaluate import _read_metrics, _run_all, _uri, judge, prior_stages_seconds
 
     cfg, ev = ctx.config, ctx.config.evaluation
     started = time.monotonic()
@@ -202,16 +201,8 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         metrics["lossRatio"] = metrics["loss"] / metrics["baseLoss"] if metrics["baseLoss"] else None
     if train_manifest.get("trainLoss") is not None:
         metrics["trainLoss"] = train_manifest["trainLoss"]
-    champion = None
-    if "champion" in results:
-        champion = {"run": cfg.champion.run, "metrics": results["champion"]["metrics"],
-                    "promotedMetrics": cfg.champion.metrics}
-    other = ("champion", cfg.champion.run) if "champion" in results else ("base", "base")
-    comparison = (significance.compare(tuned, results[other[0]], other[1], cfg.comparison)
-                  if other[0] in results else None)
-    gates = _gate_results(cfg, metrics)
-    total = sum(float((storage.read_json(os.path.join(run_dir, s, "manifest.json")) or {})
-                      .get("durationSeconds") or 0) for s in STAGE_ORDER[:-1])
+    champion, comparison, gates = judge(cfg, results, tuned, metrics)
+    total = prior_stages_seconds(run_dir)
     result = {
         "run": cfg.run.name, "job": cfg.run.job, "attempt": cfg.run.attempt,
         "datasetRevision": cfg.dataset.revision or prep_manifest.get("revision"),

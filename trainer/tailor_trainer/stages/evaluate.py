@@ -22,7 +22,7 @@ import math
 import os
 import statistics
 import time
-from typing import Any
+from typing import Any, Optional
 
 from tailor_trainer import significance, storage
 from tailor_trainer.batches import IGNORE_INDEX, amp_context, collate, load_rows, token_losses
@@ -231,6 +231,27 @@ def _folds(rows: list[dict], k: int, seed: int) -> list[dict]:
     return [dict(r, fold=assign_fold(r["id"], seed, k)) for r in rows]
 
 
+def judge(cfg: TrainerConfig, results: dict[str, Any], tuned: dict[str, Any],
+          metrics: dict[str, float]) -> tuple[Optional[dict[str, Any]], Optional[dict[str, Any]], list[dict[str, Any]]]:
+    """What every evaluate stage (language or diffusion) decides alike: the champion as this run
+    re-scored it, how sure "better" is (against the champion if there is one, else the base model,
+    on the same rows), and the gates."""
+    champion = None
+    if "champion" in results:
+        champion = {"run": cfg.champion.run, "metrics": results["champion"]["metrics"],
+                    "promotedMetrics": cfg.champion.metrics}
+    other = ("champion", cfg.champion.run) if "champion" in results else ("base", "base")
+    comparison = (significance.compare(tuned, results[other[0]], other[1], cfg.comparison)
+                  if other[0] in results else None)
+    return champion, comparison, _gate_results(cfg, metrics)
+
+
+def prior_stages_seconds(run_dir: str) -> float:
+    """Seconds the stages before evaluate took, from their manifests."""
+    return sum(float((storage.read_json(os.path.join(run_dir, s, "manifest.json")) or {})
+                     .get("durationSeconds") or 0) for s in STAGE_ORDER[:-1])
+
+
 def _gate_results(cfg: TrainerConfig, metrics: dict[str, float]) -> list[dict[str, Any]]:
     out = []
     for g in cfg.evaluation.gates:
@@ -305,17 +326,8 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
             metrics["cvLossMean"] = statistics.fmean(losses)
             metrics["cvLossStd"] = statistics.pstdev(losses)
 
-    champion = None
-    if "champion" in results:
-        champion = {"run": cfg.champion.run, "metrics": results["champion"]["metrics"],
-                    "promotedMetrics": cfg.champion.metrics}
-    # how sure "better" is: the champion if there is one, else the base model, on the same rows
-    other = ("champion", cfg.champion.run) if "champion" in results else ("base", "base")
-    comparison = (significance.compare(tuned, results[other[0]], other[1], cfg.comparison)
-                  if other[0] in results else None)
-    gates = _gate_results(cfg, metrics)
-    total_duration = sum(float((storage.read_json(os.path.join(run_dir, s, "manifest.json")) or {})
-                               .get("durationSeconds") or 0) for s in STAGE_ORDER[:-1])
+    champion, comparison, gates = judge(cfg, results, tuned, metrics)
+    total_duration = prior_stages_seconds(run_dir)
     result = {
         "run": cfg.run.name, "job": cfg.run.job, "attempt": cfg.run.attempt,
         "datasetRevision": cfg.dataset.revision or prep_manifest.get("revision"),
