@@ -315,12 +315,20 @@ class Kube:
         return json.loads(self.get("ConfigMap", f"{run}-config")["data"]["config.json"])
 
     def publish_validation(self, dataset: str, result: dict[str, Any], timeout: float = 30) -> str:
-        """Play the validation pod: put status.json into the operator's inspect ConfigMap."""
-        cm = wait_until(lambda: next(iter(self.list("ConfigMap", {"tailor.dev/dataset": dataset,
-                                                                   "app.kubernetes.io/name": "tailor-inspect"})), None),
-                        timeout, what=f"validation ConfigMap of {dataset}")
+        """Play the validation pod: put status.json into the operator's inspect ConfigMap (the one
+        still waiting for it, when an earlier revision's is still there)."""
+        def waiting() -> Optional[dict[str, Any]]:
+            cms = self.list("ConfigMap", {"tailor.dev/dataset": dataset, "app.kubernetes.io/name": "tailor-inspect"})
+            return next((c for c in cms if "status.json" not in (c.get("data") or {})), None)
+        cm = wait_until(waiting, timeout, what=f"validation ConfigMap of {dataset}")
         self.patch("ConfigMap", cm["metadata"]["name"], {"data": {"status.json": json.dumps(result)}})
         return cm["metadata"]["name"]
+
+    def new_revision(self, dataset: str, revision: str, timeout: float = 30) -> None:
+        """A new user-set revision of a Dataset, validated: continuous-learning jobs start their next run."""
+        self.patch("Dataset", dataset, {"spec": {"revision": revision}})
+        self.publish_validation(dataset, ready_result(revision), timeout)
+        wait_until(lambda: self.status("Dataset", dataset).get("revision") == revision, timeout, what="new revision")
 
 
 def ready_result(revision: str = "sha256:0123456789abcdef", rows: int = 1000) -> dict[str, Any]:

@@ -8,7 +8,7 @@ RayJob status. Operator: backend kuberay, the test playing KubeRay and the train
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import yaml
@@ -97,18 +97,6 @@ def test_promotion_patches_are_accepted_by_the_real_inferenceservice_crd(kube: K
     assert "support-llm" in table
 
 
-def _new_revision(kube: Kube, revision: str) -> None:
-    """A new Dataset revision (validated) starts the next run of a continuous-learning job."""
-    kube.patch("Dataset", "tickets", {"spec": {"revision": revision}})
-
-    def fresh() -> Optional[dict[str, Any]]:
-        cms = kube.list("ConfigMap", {"tailor.dev/dataset": "tickets", "app.kubernetes.io/name": "tailor-inspect"})
-        return next((c for c in cms if "status.json" not in (c.get("data") or {})), None)
-    cm = wait_until(fresh, 30, what="revalidation ConfigMap")
-    kube.patch("ConfigMap", cm["metadata"]["name"], {"data": {"status.json": json.dumps(ready_result(revision))}})
-    wait_until(lambda: kube.status("Dataset", "tickets").get("revision") == revision, 30, what="new revision")
-
-
 def _finish_run(kube: Kube, run: str, loss: float) -> None:
     wait_until(lambda: kube.get("RayJob", run), 30, what=f"RayJob {run}")
     kube.write_progress(run, result_doc(run, loss))
@@ -140,7 +128,7 @@ def test_canary_holds_then_gets_all_traffic_and_a_failed_canary_is_rolled_back(k
     _kserve_status(kube, "llm", "True", [("llm-predictor-00002", 100, True)])
 
     # r2 is better: it starts as a 10% canary and holds there while KServe reports it Ready
-    _new_revision(kube, "rev-2")
+    kube.new_revision("tickets", "rev-2")
     _finish_run(kube, "cl-r2", 1.0)
     wait_until(lambda: _predictor(kube).get("canaryTrafficPercent") == 10, 30, what="canary at 10%",
                on_timeout=operator.log_tail)
@@ -161,7 +149,7 @@ def test_canary_holds_then_gets_all_traffic_and_a_failed_canary_is_rolled_back(k
     _kserve_status(kube, "llm", "True", [("llm-predictor-00004", 100, True)])
 
     # r3 is better too, but its revision fails in KServe: back to r2, which stays champion
-    _new_revision(kube, "rev-3")
+    kube.new_revision("tickets", "rev-3")
     _finish_run(kube, "cl-r3", 0.8)
     wait_until(lambda: _predictor(kube).get("model", {}).get("storageUri") == _model("cl-r3")
                and _predictor(kube).get("canaryTrafficPercent") == 10, 30, what="r3 canary")

@@ -169,17 +169,6 @@ def _dataset(kube: Kube, revision: str) -> None:
     wait_until(lambda: kube.condition("Dataset", "tickets", "Ready").get("status") == "True", 30, what="Dataset Ready")
 
 
-def _new_revision(kube: Kube, revision: str) -> None:
-    kube.patch("Dataset", "tickets", {"spec": {"revision": revision}})
-
-    def fresh() -> Optional[dict[str, Any]]:
-        cms = kube.list("ConfigMap", {"tailor.dev/dataset": "tickets", "app.kubernetes.io/name": "tailor-inspect"})
-        return next((c for c in cms if "status.json" not in (c.get("data") or {})), None)
-    cm = wait_until(fresh, 30, what="revalidation ConfigMap")
-    kube.patch("ConfigMap", cm["metadata"]["name"], {"data": {"status.json": json.dumps(ready_result(revision))}})
-    wait_until(lambda: kube.status("Dataset", "tickets").get("revision") == revision, 30, what="new revision")
-
-
 def _run(kube: Kube, job: str, run: str, loss: float, op: OperatorProcess) -> dict[str, Any]:
     wait_until(lambda: kube.get("RayJob", run), 30, what=f"RayJob {run}", on_timeout=op.log_tail)
     kube.write_progress(run, result_doc(run, loss, perplexity=round(2.718 ** loss, 4)))
@@ -209,9 +198,9 @@ def test_versions_metrics_and_champion_alias_follow_status(kube: Kube, operator,
     name = f"{kube.ns}.support"  # always prefixed with the job's namespace
     _run(kube, "cl", "cl-r1", 1.2, operator)
     _registered(kube, "cl", mlflow_url, name, {"cl-r1"}, "cl-r1")
-    _new_revision(kube, "rev-2")
+    kube.new_revision("tickets", "rev-2")
     _run(kube, "cl", "cl-r2", 1.0, operator)  # better: promoted
-    _new_revision(kube, "rev-3")
+    kube.new_revision("tickets", "rev-3")
     status = _run(kube, "cl", "cl-r3", 1.4, operator)  # worse: registered, not promoted
     assert status["champion"]["run"] == "cl-r2"
     versions = _registered(kube, "cl", mlflow_url, name, {"cl-r1", "cl-r2", "cl-r3"}, "cl-r2")
