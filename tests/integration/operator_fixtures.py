@@ -314,20 +314,21 @@ class Kube:
             return json.loads(inline)
         return json.loads(self.get("ConfigMap", f"{run}-config")["data"]["config.json"])
 
-    def publish_validation(self, dataset: str, result: dict[str, Any], timeout: float = 30) -> str:
-        """Play the validation pod: put status.json into the operator's inspect ConfigMap (the one
-        still waiting for it, when an earlier revision's is still there)."""
-        def waiting() -> Optional[dict[str, Any]]:
+    def publish_validation(self, dataset: str, result: dict[str, Any], timeout: float = 30,
+                           waiting_only: bool = False) -> str:
+        """Play the validation pod: put status.json into the operator's inspect ConfigMap (with
+        `waiting_only`, the one that has none yet: an earlier revision's may still be there)."""
+        def found() -> Optional[dict[str, Any]]:
             cms = self.list("ConfigMap", {"tailor.dev/dataset": dataset, "app.kubernetes.io/name": "tailor-inspect"})
-            return next((c for c in cms if "status.json" not in (c.get("data") or {})), None)
-        cm = wait_until(waiting, timeout, what=f"validation ConfigMap of {dataset}")
+            return next((c for c in cms if not waiting_only or "status.json" not in (c.get("data") or {})), None)
+        cm = wait_until(found, timeout, what=f"validation ConfigMap of {dataset}")
         self.patch("ConfigMap", cm["metadata"]["name"], {"data": {"status.json": json.dumps(result)}})
         return cm["metadata"]["name"]
 
     def new_revision(self, dataset: str, revision: str, timeout: float = 30) -> None:
         """A new user-set revision of a Dataset, validated: continuous-learning jobs start their next run."""
         self.patch("Dataset", dataset, {"spec": {"revision": revision}})
-        self.publish_validation(dataset, ready_result(revision), timeout)
+        self.publish_validation(dataset, ready_result(revision), timeout, waiting_only=True)
         wait_until(lambda: self.status("Dataset", dataset).get("revision") == revision, timeout, what="new revision")
 
 
