@@ -285,6 +285,12 @@ class Kube:
     def event_reasons(self, name: str) -> list[str]:
         return [e["reason"] for e in self.events(name)]
 
+    def wait_event(self, name: str, reason: str, timeout: float = 20) -> None:
+        """kopf posts Events from a queue of its own, after the status patch: a reason seen in a
+        condition may reach the Event list a moment later (seconds on a loaded machine)."""
+        wait_until(lambda: reason in self.event_reasons(name), timeout, what=f"{reason} event on {name}",
+                   on_timeout=lambda: f"events: {self.event_reasons(name)}")
+
     # playing KubeRay and the trainer
     def set_rayjob_status(self, name: str, deployment: str, job_status: str = "", **extra: Any) -> None:
         status = {"jobDeploymentStatus": deployment, "jobStatus": job_status, **extra}
@@ -314,14 +320,15 @@ class Kube:
             return json.loads(inline)
         return json.loads(self.get("ConfigMap", f"{run}-config")["data"]["config.json"])
 
-    def publish_validation(self, dataset: str, result: dict[str, Any], timeout: float = 30,
+    def publish_validation(self, dataset: str, result: dict[str, Any], timeout: float = 60,
                            waiting_only: bool = False) -> str:
         """Play the validation pod: put status.json into the operator's inspect ConfigMap (with
         `waiting_only`, the one that has none yet: an earlier revision's may still be there)."""
         def found() -> Optional[dict[str, Any]]:
             cms = self.list("ConfigMap", {"tailor.dev/dataset": dataset, "app.kubernetes.io/name": "tailor-inspect"})
             return next((c for c in cms if not waiting_only or "status.json" not in (c.get("data") or {})), None)
-        cm = wait_until(found, timeout, what=f"validation ConfigMap of {dataset}")
+        cm = wait_until(found, timeout, what=f"validation ConfigMap of {dataset}",
+                        on_timeout=lambda: f"Dataset {dataset} status: {self.status('Dataset', dataset)}")
         self.patch("ConfigMap", cm["metadata"]["name"], {"data": {"status.json": json.dumps(result)}})
         return cm["metadata"]["name"]
 

@@ -399,7 +399,7 @@ def test_operator_creates_the_trainer_account_with_the_charts_rbac(installed_def
                                   "verbs": ["get", "create", "update", "patch"]}]
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tailor-trainer", "namespace": namespace}]
         assert binding["roleRef"]["name"] == "tailor-trainer"
-        wait_until(lambda: "TrainerAccessCreated" in kube.event_reasons("tickets"), 10, what="event")
+        kube.wait_event("tickets", "TrainerAccessCreated")
         # the trainer account can do what the trainer does, and no more
         trainer = f"system:serviceaccount:{namespace}:tailor-trainer"
         for verb, allowed in (("patch", "yes"), ("create", "yes"), ("get", "yes"), ("delete", "no"), ("list", "no")):
@@ -448,7 +448,7 @@ def test_missing_operator_permission_is_named_and_retried(control_plane, k8s_cli
                            == "TrainerAccessFailed" and c, 30, what="TrainerAccessFailed", on_timeout=operator.log_tail)
         assert ready["status"] == "False"
         assert 'get and create on serviceaccounts (API group "")' in ready["message"], ready["message"]
-        assert "TrainerAccessFailed" in kube.event_reasons("tickets")
+        kube.wait_event("tickets", "TrainerAccessFailed")
         assert kube.list("Job", {"tailor.dev/dataset": "tickets"}) == []
         assert kube.get("ServiceAccount", "tailor-trainer") is None
         bind(rules)  # an administrator grants the permission

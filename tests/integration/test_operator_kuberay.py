@@ -115,7 +115,7 @@ def test_a_validation_pod_that_never_starts_is_named_then_the_result_still_count
     assert "is Pending and not scheduled to any node" in ready["message"], ready["message"]
     assert "needs a node and a scheduler" in ready["message"]
     assert kube.condition("Dataset", "stuck", "Validating")["reason"] == "ValidationNotStarted"
-    assert "ValidationNotStarted" in kube.event_reasons("stuck")
+    kube.wait_event("stuck", "ValidationNotStarted")
     kube.publish_validation("stuck", ready_result("sha256:0123456789abcdef"))
     wait_until(lambda: kube.condition("Dataset", "stuck", "Ready").get("status") == "True", 30, what="Ready")
 

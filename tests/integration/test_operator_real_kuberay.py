@@ -51,7 +51,7 @@ def test_unschedulable_worker_pods_show_in_the_job_status(real_kuberay, k8s_clie
         assert (running["status"], running["reason"]) == ("False", "Unschedulable")
         wide = real_kuberay.kubectl("get", "ftj", "gpu", "-n", namespace, "-o", "wide", check=True).stdout
         assert re.search(r"gpu\s+Queued\s.*gpu-r1\s+Unschedulable", wide), wide
-        assert "Unschedulable" in kube.event_reasons("gpu")
+        kube.wait_event("gpu", "Unschedulable")
         # deletion still cleans up through KubeRay's own finalizers
         kube.delete("FineTuneJob", "gpu")
         wait_until(lambda: kube.get("FineTuneJob", "gpu") is None and kube.get("RayJob", "gpu-r1") is None, 30,

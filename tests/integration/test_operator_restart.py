@@ -64,7 +64,7 @@ def test_rayjob_created_but_never_recorded_is_adopted(kube: Kube, control_plane,
         status = wait_until(lambda: (s := kube.status("FineTuneJob", "orphaned")).get("currentRun") and s, 30,
                             what="adoption", on_timeout=operator.log_tail)
         assert status["currentRun"] == "orphaned-r1" and status["runCount"] == 1
-        wait_until(lambda: "Adopted" in kube.event_reasons("orphaned"), 10, what="Adopted event")
+        kube.wait_event("orphaned", "Adopted")
         kube.publish_validation("tickets", ready_result())
         kube.set_rayjob_status("orphaned-r1", "Running", "RUNNING")
         wait_until(lambda: kube.status("FineTuneJob", "orphaned").get("phase") == "Running", 30, what="Running")

@@ -39,7 +39,7 @@ def test_each_policy_refusal_is_a_named_condition_and_creates_nothing(control_pl
             cond = wait_until(lambda: (c := kube.condition("Dataset", name, "Ready")).get("reason") == "PolicyViolation"
                               and c, 30, interval=0.5, what=f"Dataset {name} refused", on_timeout=operator.log_tail)
             assert cond["status"] == "False" and field in cond["message"] and value in cond["message"], cond
-            assert "PolicyViolation" in kube.event_reasons(name)
+            kube.wait_event(name, "PolicyViolation")
         for name, field, value in (("local-backend", "spec.backend", "policy.allowedBackends"),
                                    ("own-image", "spec.resources.image", "policy.allowImageOverride"),
                                    ("local-model", "spec.baseModel.uri", "policy.allowedLocalRoots")):
@@ -47,7 +47,7 @@ def test_each_policy_refusal_is_a_named_condition_and_creates_nothing(control_pl
                             interval=0.5, what=f"FineTuneJob {name} refused", on_timeout=operator.log_tail)
             assert st["error"]["reason"] == "PolicyViolation" and st["error"]["field"] == field, st
             assert value in st["error"]["message"], st
-            assert "PolicyViolation" in kube.event_reasons(name)
+            kube.wait_event(name, "PolicyViolation")
         # the allowed Dataset went on to validation (a Job): the operator was not simply idle
         wait_until(lambda: kube.list("Job", {"tailor.dev/dataset": "tickets"}), 30, what="the allowed Dataset's Job")
         for name in ("local-file", "metadata"):
