@@ -12,7 +12,8 @@ operator's path from a FineTuneJob to its RayJob, and the jobs stay `Queued`.
 Bulk mode (`-n N`), per repeat:
 - raw: the same N RayJobs (as the operator builds them) created straight through the API server by
   `--workers` client threads, the operator's number of workers, each asking for only the metadata
-  back as the operator does; its jobs/s is the reference;
+  back as the operator does, timed like the operator's side until the last RayJob is seen by the
+  same metadata-only watch; its jobs/s is the reference;
 - operator: N FineTuneJobs applied by 8 client threads while the operator runs; its jobs/s is N over
   the time from the first apply until the last RayJob appears (seen by a metadata-only watch), and
   it is reported as a fraction of the raw rate of the same repeat (1.0 = as fast as creating the
@@ -93,6 +94,29 @@ def operator_counter(operator: OperatorProcess, name: str) -> Counter:
     for labels, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", operator.metrics(), re.M):
         counts[tuple(re.findall(r'="([^"]*)"', labels))] += float(value)
     return counts
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def control_plane_cpu() -> dict[str, float]:
+    """CPU seconds so far of the local kube-apiserver and etcd (empty for a remote cluster)."""
+    out = {}
+    for name, pattern in (("apiserver", "kube-apiserver"), ("etcd", "etcd ")):
+        pids = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        if pids:
+            out[name] = sum(cpu_seconds(int(p)) for p in pids)
+    return out
+
+
+def cpu_ms_per_job(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    return {k: 1000 * (after[k] - before[k]) / n for k in after if k in before}
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -224,12 +248,15 @@ def rayjob_bodies(n: int, namespace: str) -> list[dict[str, Any]]:
     return bodies
 
 
-def raw_create(cluster, n: int, namespace: str, workers: int) -> float:
+def raw_create(cluster, n: int, namespace: str, workers: int) -> tuple[float, dict[str, float]]:
     """Seconds to create the N RayJobs straight through the API server with `workers` threads,
-    asking, as the operator does, for only the metadata back."""
+    asking, as the operator does, for only the metadata back: from the first create until the last
+    RayJob is seen by the same metadata-only watch that times the operator (both sides are
+    observed, and pay for the observer, alike), and the control plane's CPU per job meanwhile."""
     quiesce(cluster)
     create_namespace(cluster, namespace)
     bodies = rayjob_bodies(n, namespace)
+    watch = RayJobWatch(cluster.api, namespace)
     path = f"/apis/ray.io/v1/namespaces/{namespace}/rayjobs"
     headers = {"Content-Type": "application/json", "Accept": METADATA_ONLY}
 
@@ -241,10 +268,15 @@ def raw_create(cluster, n: int, namespace: str, workers: int) -> float:
         if response.status != 201:
             raise RuntimeError(f"create {body['metadata']['name']}: HTTP {response.status}")
 
-    started = time.monotonic()
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(create, bodies))
-    return time.monotonic() - started
+    try:
+        cpu_before = control_plane_cpu()
+        started = time.monotonic()
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(create, bodies))
+        wait_until(lambda: len(watch.seen) >= n, 120, interval=0.05, what=f"{n} raw RayJobs seen")
+        return max(watch.seen.values()) - started, cpu_ms_per_job(cpu_before, control_plane_cpu(), n)
+    finally:
+        watch.stop()
 
 
 class OperatorRun:
@@ -344,16 +376,18 @@ def bulk(kubeconfig: Path, api_client, n: int, workers: int, settle: float, work
 
     cluster = Cluster(api_client)
     raw_ns = f"raw-{tag}"
-    raw_seconds = raw_create(cluster, n, raw_ns, workers)
+    raw_seconds, raw_cpu = raw_create(cluster, n, raw_ns, workers)
     gone = delete_namespace(cluster, raw_ns)
     run = OperatorRun(kubeconfig, api_client, workdir, f"op-{tag}", workers)
     try:
+        cpu_before = {**control_plane_cpu(), "operator": cpu_seconds(run.operator.process.pid)}
         t0 = time.monotonic()
         with ThreadPoolExecutor(APPLY_THREADS) as pool:
             list(pool.map(run.apply, range(n)))
         apply_seconds = time.monotonic() - t0
         run.wait_for_rayjobs(n)
         operator_seconds = max(run.watch.seen.values()) - t0
+        op_cpu = cpu_ms_per_job(cpu_before, {**control_plane_cpu(), "operator": cpu_seconds(run.operator.process.pid)}, n)
         result = run.finish(n, settle)
     finally:
         run.close()
@@ -363,7 +397,9 @@ def bulk(kubeconfig: Path, api_client, n: int, workers: int, settle: float, work
     return {"mode": "bulk", "n": n, "apply_seconds": apply_seconds, "operator_seconds": operator_seconds,
             "operator_jobs_per_s": op_rate, "raw_seconds": raw_seconds, "raw_jobs_per_s": raw_rate,
             "fraction_of_raw": op_rate / raw_rate, "p50": percentile(lat, 50), "p90": percentile(lat, 90),
-            "p99": percentile(lat, 99), "max": max(lat), "namespaces_deleted": gone, **result}
+            "p99": percentile(lat, 99), "max": max(lat), "namespaces_deleted": gone,
+            **{f"raw_cpu_ms_{k}": v for k, v in raw_cpu.items()}, **{f"op_cpu_ms_{k}": v for k, v in op_cpu.items()},
+            **result}
 
 
 def steady(kubeconfig: Path, api_client, rate: float, duration: float, workers: int, settle: float,
@@ -443,6 +479,10 @@ def _common(group: list[dict[str, Any]]) -> None:
     if not_counted:
         print("      not counted (control plane heartbeats): "
               + ", ".join(f"{k} {v / len(group):.0f}" for k, v in sorted(not_counted.items())))
+    if "raw_cpu_ms_apiserver" in group[0] and "op_cpu_ms_apiserver" in group[0]:
+        print(f"  CPU ms per job, raw: apiserver {summary(group, 'raw_cpu_ms_apiserver')}, etcd "
+              f"{summary(group, 'raw_cpu_ms_etcd')}; operator path: apiserver {summary(group, 'op_cpu_ms_apiserver')}, "
+              f"etcd {summary(group, 'op_cpu_ms_etcd')}, operator {summary(group, 'op_cpu_ms_operator')}")
     print(f"  FineTuneJob reconciles per job {summary(group, 'reconciles_per_job')}   "
           f"operator peak RSS MiB {summary(group, 'peak_rss_mib')}")
     dup = sum(r["duplicates"] for r in group)
