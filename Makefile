@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test venv crds lint testenv images node-deps bench clean mlflow-venv
+.PHONY: run test test-deps venv crds lint testenv images node-deps bench clean mlflow-venv
 
 # Debian packages for the test node and the image builds (docs/testenv.md, docs/images.md).
 NODE_DEPS := containerd runc containernetworking-plugins iptables conntrack podman buildah mmdebstrap gcc libc6-dev
@@ -47,8 +47,21 @@ images: $(STAMP) node-deps
 mlflow-venv: $(STAMP)
 	scripts/mlflow-venv >/dev/null
 
-test: $(STAMP) node-deps testenv images mlflow-venv
-	$(BIN)/python -m pytest
+# What the suite needs, built side by side: the Go builds of the test control plane (CPU) overlap
+# the venv, the Debian packages, the images and the MLflow venv (mostly downloads).
+test-deps:
+	$(MAKE) --no-print-directory -j4 --output-sync=line $(STAMP) node-deps testenv images mlflow-venv
+
+# Two pytest runs: everything but the node tests on $(TEST_WORKERS) workers (pytest-xdist), then the
+# node tests (a kubelet, containerd and Ray pods on this machine) alone, as they were written to
+# run. Both always run; the exit code is the first failure's (5, "nothing selected", is none:
+# PYTEST_ARGS may name only tests of one kind).
+TEST_WORKERS ?= 2
+test: test-deps
+	@rc=0; \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not node" $(PYTEST_ARGS) || { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
+	$(BIN)/python -m pytest -m node $(PYTEST_ARGS) || { r=$$?; [ $$r -eq 5 ] || [ $$rc -ne 0 ] || rc=$$r; }; \
+	exit $$rc
 
 crds: $(STAMP)
 	$(BIN)/tailor crds
