@@ -50,7 +50,7 @@ mlflow-venv: $(STAMP)
 # What the suite needs, built side by side: the Go builds of the test control plane (CPU) overlap
 # the venv, the Debian packages, the images and the MLflow venv (mostly downloads).
 test-deps:
-	$(MAKE) --no-print-directory -j4 --output-sync=line $(STAMP) node-deps testenv images mlflow-venv
+	$(MAKE) --no-print-directory -j4 $(STAMP) node-deps testenv images mlflow-venv
 
 # Two pytest runs: everything but the node tests on $(TEST_WORKERS) workers (pytest-xdist), then the
 # node tests (a kubelet, containerd and Ray pods on this machine) alone, as they were written to

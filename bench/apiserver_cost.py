@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -94,23 +91,10 @@ def main() -> int:
     args = parser.parse_args()
     from tailor_operator.cluster import Cluster, new_api_client
 
-    state = None
-    if not os.environ.get("KUBECONFIG"):
-        state = Path(tempfile.mkdtemp(prefix="tailor-bench-"))
-        r = subprocess.run([str(REPO / "scripts" / "testenv"), "up", "--dir", str(state / "cp")],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            print(r.stderr, file=sys.stderr)
-            return 1
-        os.environ["KUBECONFIG"] = r.stdout.strip().split("=", 1)[1]
-    try:
+    with scale.test_control_plane():
         cluster = Cluster(new_api_client(pool_size=args.threads * 2))
         stamp = int(time.time()) % 100000
         rounds = [one_round(cluster, args.n, args.threads, f"{stamp}-{k}") for k in range(args.repeat)]
-    finally:
-        if state is not None:
-            subprocess.run([str(REPO / "scripts" / "testenv"), "down", "--dir", str(state / "cp")], capture_output=True)
-            shutil.rmtree(state, ignore_errors=True)
 
     def fig(label: str, key: str) -> str:
         values = [r[label][key] for r in rounds]

@@ -34,6 +34,7 @@ informational; nothing here passes or fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -49,7 +50,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlencode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -491,6 +492,26 @@ def _common(group: list[dict[str, Any]]) -> None:
           f"duplicates {dup}, jobs without a RayJob {missing}")
 
 
+@contextlib.contextmanager
+def test_control_plane() -> Iterator[Path]:
+    """$KUBECONFIG's cluster, or a `scripts/testenv up` control plane started (and stopped after)."""
+    if os.environ.get("KUBECONFIG"):
+        yield Path(os.environ["KUBECONFIG"])
+        return
+    state = Path(tempfile.mkdtemp(prefix="tailor-bench-"))
+    try:
+        r = subprocess.run([str(REPO / "scripts" / "testenv"), "up", "--dir", str(state / "cp")],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"scripts/testenv up failed:\n{r.stderr}")
+        os.environ["KUBECONFIG"] = r.stdout.strip().split("=", 1)[1]
+        yield Path(os.environ["KUBECONFIG"])
+    finally:
+        os.environ.pop("KUBECONFIG", None)
+        subprocess.run([str(REPO / "scripts" / "testenv"), "down", "--dir", str(state / "cp")], capture_output=True)
+        shutil.rmtree(state, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, action="append", help="bulk mode: number of FineTuneJobs (repeatable)")
@@ -506,41 +527,27 @@ def main() -> int:
     sizes = args.n or ([] if args.rate else [1000])
     from tailor_operator.cluster import new_api_client
 
-    state = None
-    kubeconfig = os.environ.get("KUBECONFIG")
-    if not kubeconfig:
-        state = Path(tempfile.mkdtemp(prefix="tailor-bench-"))
-        r = subprocess.run([str(REPO / "scripts" / "testenv"), "up", "--dir", str(state / "cp")],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            print(r.stderr, file=sys.stderr)
-            return 1
-        kubeconfig = r.stdout.strip().split("=", 1)[1]
-        os.environ["KUBECONFIG"] = kubeconfig
     workdir = Path(tempfile.mkdtemp(prefix="tailor-bench-work-"))
     rows: list[dict[str, Any]] = []
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
-        api_client = new_api_client(pool_size=max(args.workers, APPLY_THREADS) * 2)
-        stamp = int(time.time()) % 100000
-        for k in range(args.repeat):
-            for n in sizes:
-                row = bulk(Path(kubeconfig), api_client, n, args.workers, args.settle, workdir, f"{n}-{stamp}-{k}")
-                rows.append({**row, "repeat": k, "workers": args.workers})
-                print(f"[repeat {k + 1}] bulk N={n}: operator {row['operator_jobs_per_s']:.1f} jobs/s, raw "
-                      f"{row['raw_jobs_per_s']:.1f} jobs/s ({row['fraction_of_raw']:.2f} of raw), p99 {row['p99']:.2f} s, "
-                      f"{row['writes_per_job']:.2f} writes/job", flush=True)
-            if args.rate:
-                row = steady(Path(kubeconfig), api_client, args.rate, args.duration, args.workers, args.settle,
-                             workdir, f"{stamp}-{k}")
-                rows.append({**row, "repeat": k, "workers": args.workers})
-                print(f"[repeat {k + 1}] steady {args.rate:g}/s: p50 {row['p50']:.2f} s, p99 {row['p99']:.2f} s, "
-                      f"{row['writes_per_job']:.2f} writes/job", flush=True)
+        with test_control_plane() as kubeconfig:
+            api_client = new_api_client(pool_size=max(args.workers, APPLY_THREADS) * 2)
+            stamp = int(time.time()) % 100000
+            for k in range(args.repeat):
+                for n in sizes:
+                    row = bulk(kubeconfig, api_client, n, args.workers, args.settle, workdir, f"{n}-{stamp}-{k}")
+                    rows.append({**row, "repeat": k, "workers": args.workers})
+                    print(f"[repeat {k + 1}] bulk N={n}: operator {row['operator_jobs_per_s']:.1f} jobs/s, raw "
+                          f"{row['raw_jobs_per_s']:.1f} jobs/s ({row['fraction_of_raw']:.2f} of raw), "
+                          f"p99 {row['p99']:.2f} s, {row['writes_per_job']:.2f} writes/job", flush=True)
+                if args.rate:
+                    row = steady(kubeconfig, api_client, args.rate, args.duration, args.workers, args.settle,
+                                 workdir, f"{stamp}-{k}")
+                    rows.append({**row, "repeat": k, "workers": args.workers})
+                    print(f"[repeat {k + 1}] steady {args.rate:g}/s: p50 {row['p50']:.2f} s, p99 {row['p99']:.2f} s, "
+                          f"{row['writes_per_job']:.2f} writes/job", flush=True)
     finally:
-        if state is not None:
-            subprocess.run([str(REPO / "scripts" / "testenv"), "down", "--dir", str(state / "cp")],
-                           capture_output=True)
-            shutil.rmtree(state, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
     load = os.getloadavg()
     print(f"\noperator: {args.workers} workers, resync 600 s, poll 30 s, model preflight off; "
