@@ -243,7 +243,7 @@ def running_pod(cluster: NodeCluster, run: str, kind: str) -> dict:
 
 def test_a_deleted_worker_pod_resumes_from_the_last_checkpoint(demo: NodeCluster) -> None:
     cluster, name, run = demo, "fault-worker", "fault-worker-r1"
-    apply(cluster, [example_dataset(), fault_job(name, max_steps=600, every=20)])
+    apply(cluster, [example_dataset(), fault_job(name, max_steps=300, every=20)])
     first = wait_until(lambda: checkpoints(cluster, name, run), 900, interval=1, what="a first checkpoint",
                        on_timeout=lambda: describe(cluster))[-1]
     victim = running_pod(cluster, run, "worker")["metadata"]["name"]
