@@ -1,8 +1,9 @@
 """Fixtures for tests against a real control plane (etcd + kube-apiserver + kube-controller-manager).
 
 One control plane per pytest session (per worker under pytest-xdist: `make test` runs two), started
-with `scripts/testenv up` in a per-session state dir; a fresh namespace per test. The binaries are built once by `scripts/testenv build`; if they
-are missing, every test that needs the control plane FAILS (it is never skipped).
+with `scripts/testenv up` in a per-session state dir; a fresh namespace per test. The binaries are
+built once by `scripts/testenv build`; if they are missing, every test that needs the control plane
+FAILS (it is never skipped).
 See docs/testenv.md.
 """
 from __future__ import annotations
