@@ -11,13 +11,13 @@ kube-apiserver and etcd processes is read from /proc before and after: milliseco
 object, median (min–max) of the repeats. The sum over the path against the RayJob alone bounds
 what fraction of the raw create rate any operator can reach when the API server is the busy
 party (as on a 2-CPU machine that also runs the control plane), whatever the operator itself
-costs. The bodies are the ones the benchmarks use (the operator's own builders).
+costs. The status and the children are what the operator's pure reconcile plans for a new job
+(bench/operator_scale.py `first_runs`).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -51,33 +51,24 @@ def one_round(cluster, n: int, threads: int, tag: str) -> dict[str, dict[str, fl
     cluster.create({**dataset_manifest(), "metadata": {"name": "tickets", "namespace": ns}})
     rows: dict[str, dict[str, float]] = {}
     try:
+        runs = scale.first_runs(n, ns)
         rows["RayJob POST (metadata answer)"] = measure(
-            lambda b: cluster.create(b, metadata_only=True), scale.rayjob_bodies(n, ns), threads)
+            lambda b: cluster.create(b, metadata_only=True),
+            [next(c for c in children if c["kind"] == "RayJob") for _, children in runs], threads)
         jobs = [{**job_manifest(f"job-{i:05d}"), "metadata": {"name": f"job-{i:05d}", "namespace": ns}}
                 for i in range(n)]
         created: dict[str, dict] = {}
         rows["FineTuneJob POST (the user's apply)"] = measure(
             lambda b: created.__setitem__(b["metadata"]["name"], cluster.create(b)), jobs, threads)
-        status = {"phase": "Queued", "observedGeneration": 1, "runGeneration": 1, "currentRun": "r1", "runCount": 1,
-                  "attempts": 1, "conditions": [
-                      {"type": t, "status": "True", "reason": "Reason", "message": "m" * 80, "observedGeneration": 1,
-                       "lastTransitionTime": "2026-12-01T00:00:00Z"}
-                      for t in ("Ready", "DataValidated", "Running", "Reconciling")]}
+        statuses = {f"job-{i:05d}": status for i, (status, _) in enumerate(runs)}
 
         def put_status(name: str) -> None:
-            body = copy.deepcopy(created[name])
-            body["status"] = status
             cluster.request("PUT", f"/apis/tailor.dev/v1alpha1/namespaces/{ns}/finetunejobs/{name}/status",
-                            body=body, accept=METADATA_ONLY)
+                            body={**created[name], "status": statuses[name]}, accept=METADATA_ONLY)
         rows["FineTuneJob status PUT"] = measure(put_status, list(created), threads)
-        policies = [{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                     "metadata": {"name": f"np-{i:05d}", "namespace": ns},
-                     "spec": {"podSelector": {"matchLabels": {"tailor.dev/run": f"np-{i:05d}"}},
-                              "policyTypes": ["Ingress"],
-                              "ingress": [{"from": [{"podSelector": {"matchLabels": {"tailor.dev/run": f"np-{i:05d}"}}}]}]}}
-                    for i in range(n)]
         rows["NetworkPolicy POST (metadata answer)"] = measure(
-            lambda b: cluster.create(b, metadata_only=True), policies, threads)
+            lambda b: cluster.create(b, metadata_only=True),
+            [c for _, children in runs for c in children if c["kind"] == "NetworkPolicy"], threads)
     finally:
         scale.delete_namespace(cluster, ns)
     return rows

@@ -222,12 +222,13 @@ def quiesce(cluster, wait: float = 300) -> None:
     wait_until(quiet, wait, interval=2, what="no namespace terminating")
 
 
-def rayjob_bodies(n: int, namespace: str) -> list[dict[str, Any]]:
-    """The RayJobs the operator would create for N jobs: the StartRun children of the pure
-    reconcile (ownerReferences dropped: there is no owner to point at)."""
+def first_runs(n: int, namespace: str) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """What the operator writes for N new jobs, from the pure reconcile: each job's status and its
+    first run's children (NetworkPolicy, RayJob; ownerReferences dropped: no owner to point at)."""
     from tailor_operator.api.v1alpha1 import Dataset, FineTuneJob
     from tailor_operator.reconcile import JobObserved, OperatorSettings, reconcile_finetunejob
     from tailor_operator.reconcile.plan import StartRun
+    from tailor_operator.reconcile.status import status_body
 
     ds = Dataset.model_validate({**dataset_manifest(), "metadata": {"name": "tickets", "namespace": namespace},
                                  "status": {"revision": ready_result()["revision"], "rows": 1000,
@@ -236,17 +237,22 @@ def rayjob_bodies(n: int, namespace: str) -> list[dict[str, Any]]:
                                                             "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})
     settings = OperatorSettings(model_preflight=False)
     now = datetime.now(timezone.utc).replace(microsecond=0)
-    bodies = []
+    out = []
     for i in range(n):
         name = f"job-{i:05d}"
         job = FineTuneJob.model_validate({**job_manifest(name), "metadata": {
             "name": name, "namespace": namespace, "uid": f"00000000-0000-0000-0000-{i:012d}", "generation": 1}})
         plan = reconcile_finetunejob(job, JobObserved(dataset=ds), settings, now)
         start = next(a for a in plan.actions if isinstance(a, StartRun))
-        rayjob = next(c for c in start.children if c["kind"] == "RayJob")
-        rayjob["metadata"].pop("ownerReferences", None)
-        bodies.append(rayjob)
-    return bodies
+        for child in start.children:
+            child["metadata"].pop("ownerReferences", None)
+        out.append((status_body(plan.status), list(start.children)))
+    return out
+
+
+def rayjob_bodies(n: int, namespace: str) -> list[dict[str, Any]]:
+    """The RayJobs the operator would create for N jobs (first_runs)."""
+    return [next(c for c in children if c["kind"] == "RayJob") for _, children in first_runs(n, namespace)]
 
 
 def raw_create(cluster, n: int, namespace: str, workers: int) -> tuple[float, dict[str, float]]:
